@@ -1,0 +1,61 @@
+"""The ``qvec`` command line: a thin typer layer over the library (every command is a library call).
+
+Commands live in submodules by area (``core``: vectors and quantization; ``train``: tasks, training,
+evaluation; ``grid``: experiment grids and reports); each registers itself on :data:`app`.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+from rich.console import Console
+
+from ..errors import QvecError
+
+app = typer.Typer(
+    name="qvec",
+    help="Zero-shot low-bit quantization of fine-tuned ViTs through quantization vectors.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console(stderr=True)
+
+
+def _register() -> None:
+    from . import core  # noqa: F401
+
+    for optional in ("train", "grid"):
+        try:
+            __import__(f"{__name__}.{optional}")
+        except ModuleNotFoundError as e:
+            if e.name != f"{__name__}.{optional}":
+                raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run the app; a QvecError becomes one red line on stderr and exit status 2."""
+    _register()
+    try:
+        app(args=argv, standalone_mode=False)
+    except QvecError as e:
+        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        return 2
+    except typer.Exit as e:
+        return e.exit_code
+    except typer.Abort:
+        console.print("aborted")
+        return 130
+    except Exception as e:  # click usage errors
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            return e.exit_code
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

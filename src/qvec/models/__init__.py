@@ -1,0 +1,45 @@
+"""Model families: a registry from a family name to an adapter (build, backbone/head split, targets)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..checkpoint import META_MODEL, Checkpoint
+from ..errors import QvecError
+from . import timm_vit  # noqa: F401  (registers the timm and built-in families)
+from .base import DataConfig, ModelAdapter, ModelSpec, families, get_adapter, register_adapter
+from .loading import load_state_strict
+
+__all__ = [
+    "DataConfig",
+    "ModelAdapter",
+    "ModelSpec",
+    "build_model",
+    "families",
+    "get_adapter",
+    "load_model",
+    "register_adapter",
+]
+
+
+def build_model(spec: ModelSpec, pretrained: bool = False, weights: str | None = None) -> nn.Module:
+    """Build a model of ``spec`` (randomly initialised unless ``pretrained`` or ``weights``)."""
+    return get_adapter(spec).build(spec, pretrained=pretrained, weights=weights)
+
+
+def load_model(ckpt: Checkpoint, spec: ModelSpec | None = None) -> tuple[nn.Module, ModelAdapter, ModelSpec]:
+    """Rebuild the model a checkpoint holds (architecture from its header unless ``spec`` is given)."""
+    spec = spec or ckpt.model_spec
+    adapter = get_adapter(spec)
+    model = adapter.build(spec, pretrained=False)
+    load_state_strict(model, ckpt.state, ckpt.name())
+    model.eval()
+    return model, adapter, spec
+
+
+def checkpoint_from_model(model: nn.Module, spec: ModelSpec, **meta: str) -> Checkpoint:
+    """Wrap a model's state dict with the header that lets qvec rebuild it."""
+    if any(".parametrizations." in k for k in model.state_dict()):
+        raise QvecError("model is still prepared for QAT; call qvec.qat.convert_qat first")
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return Checkpoint(state, {META_MODEL: spec.to_json(), **meta})

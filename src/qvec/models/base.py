@@ -1,0 +1,128 @@
+"""The model-adapter interface: what qvec needs to know about a model family.
+
+An adapter says how to build a model (randomly initialised or with pretrained weights), which state-dict keys
+are the classification head (never part of a quantization vector, never quantized), which modules are the
+quantization targets, and how inputs are preprocessed. Families register themselves by name, as timm does for
+architectures, so a checkpoint's header (``family:name``) is enough to rebuild its model.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from ..errors import QvecError
+from ..quant import Target, find_targets
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model's identity: family, architecture name, class count and build options (JSON-serialisable)."""
+
+    family: str
+    name: str
+    num_classes: int = 0
+    options: dict = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, text: str, num_classes: int = 0, **options) -> ModelSpec:
+        """``family:name`` (``timm:vit_base_patch16_224``, ``qvec:vit-mini``); a bare name means timm."""
+        family, sep, name = text.partition(":")
+        if not sep:
+            family, name = ("qvec", text) if text in builtin_names() else ("timm", text)
+        if family not in _REGISTRY:
+            raise QvecError(f"unknown model family {family!r}; known: {', '.join(sorted(_REGISTRY))}")
+        return cls(family, name, num_classes, dict(options))
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelSpec:
+        try:
+            d = json.loads(text)
+            return cls(d["family"], d["name"], int(d.get("num_classes", 0)), dict(d.get("options", {})))
+        except (ValueError, KeyError, TypeError) as e:
+            raise QvecError(f"malformed model spec in checkpoint metadata: {e}") from None
+
+    def with_classes(self, num_classes: int) -> ModelSpec:
+        return ModelSpec(self.family, self.name, num_classes, dict(self.options))
+
+    def __str__(self) -> str:
+        return f"{self.family}:{self.name}"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """What a model expects as input: size, channels and normalisation."""
+
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bicubic"
+
+
+class ModelAdapter(ABC):
+    """How qvec builds, splits (backbone vs head) and quantizes one model family."""
+
+    family: str = ""
+    head_prefixes: tuple[str, ...] = ("head",)
+
+    @abstractmethod
+    def build(self, spec: ModelSpec, pretrained: bool = False, weights: str | None = None) -> nn.Module:
+        """A model for ``spec``; with ``pretrained`` its hub weights, or those in the file ``weights``."""
+
+    @abstractmethod
+    def data_config(self, spec: ModelSpec, model: nn.Module | None = None) -> DataConfig:
+        """The input resolution and normalisation this model was (pre)trained with."""
+
+    def names(self) -> list[str]:
+        """Architecture names this family can build (may be a sample for open-ended families)."""
+        return []
+
+    def is_head(self, key: str) -> bool:
+        return any(key == h or key.startswith(h + ".") for h in self.head_prefixes)
+
+    def backbone_keys(self, state: dict[str, torch.Tensor]) -> list[str]:
+        """Floating-point keys that belong to the backbone (the quantization vector's domain)."""
+        return [k for k, v in state.items() if v.is_floating_point() and not self.is_head(k)]
+
+    def targets(self, model: nn.Module, include_in_proj: bool = True) -> list[Target]:
+        """The backbone weights that PTQ and QAT quantize."""
+        return find_targets(model, self.head_prefixes, include_in_proj=include_in_proj)
+
+    def trainable_head(self, spec: ModelSpec) -> bool:
+        """True when the head is trained with the backbone (supervised ViTs); False for frozen zero-shot heads."""
+        return True
+
+
+_REGISTRY: dict[str, ModelAdapter] = {}
+
+
+def register_adapter(adapter_cls: type[ModelAdapter]) -> type[ModelAdapter]:
+    """Class decorator: make a family available by its ``family`` name."""
+    _REGISTRY[adapter_cls.family] = adapter_cls()
+    return adapter_cls
+
+
+def get_adapter(family: str | ModelSpec) -> ModelAdapter:
+    name = family.family if isinstance(family, ModelSpec) else family
+    if name not in _REGISTRY:
+        raise QvecError(f"unknown model family {name!r}; known: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def families() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+_BUILTIN_NAMES: list[Callable[[], list[str]]] = []
+
+
+def builtin_names() -> list[str]:
+    return [n for f in _BUILTIN_NAMES for n in f()]

@@ -1,0 +1,276 @@
+"""Quantization vectors: tau_D = theta_QAT^D - theta_FT^D over the backbone, with task-vector arithmetic.
+
+A :class:`QuantVector` is a mapping from backbone keys to float tensors. Vectors add, subtract, negate, scale and
+average like task vectors; ``apply`` patches a receiver (theta_FT^R + lam * tau), which is then quantized with
+PTQ. Saved as safetensors with a metadata header (architecture, donor task, quantizer, backbone fingerprint).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .checkpoint import (
+    META_FINGERPRINT,
+    META_FORMAT,
+    META_MODEL,
+    META_QUANT,
+    META_TASK,
+    Checkpoint,
+    read_safetensors,
+    save_safetensors,
+)
+from .errors import QvecError
+
+META_PARAMS = "qvec.num_params"
+META_DONOR = "qvec.donor"
+
+
+def _check_finite(key: str, t: torch.Tensor, source: str) -> None:
+    if not torch.isfinite(t).all():
+        bad = "NaN" if torch.isnan(t).any() else "Inf"
+        raise QvecError(f"{source}: tensor {key!r} contains {bad}")
+
+
+def check_same_layout(
+    a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], keys: Iterable[str], a_name: str, b_name: str
+) -> None:
+    """Every key in ``keys`` exists in both with equal shape and dtype; otherwise name the first offender."""
+    for k in keys:
+        if k not in a:
+            raise QvecError(f"key {k!r} is missing from {a_name}")
+        if k not in b:
+            raise QvecError(f"key {k!r} is missing from {b_name}")
+        if a[k].shape != b[k].shape:
+            raise QvecError(
+                f"key {k!r}: shape {tuple(a[k].shape)} in {a_name} but {tuple(b[k].shape)} in {b_name}"
+            )
+        if a[k].dtype != b[k].dtype:
+            raise QvecError(f"key {k!r}: dtype {a[k].dtype} in {a_name} but {b[k].dtype} in {b_name}")
+
+
+def check_fingerprints(vec_fp: str | None, recv_fp: str | None, recv_name: str, allow: bool) -> None:
+    if vec_fp and recv_fp and vec_fp != recv_fp and not allow:
+        raise QvecError(
+            f"{recv_name}: backbone fingerprint {recv_fp} differs from the vector's {vec_fp} (made for another "
+            "pretrained backbone); pass --allow-fingerprint-mismatch to apply it anyway"
+        )
+
+
+class QuantVector:
+    """A direction in weight space that makes a fine-tuned backbone robust to PTQ."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str] | None = None) -> None:
+        self.tensors: dict[str, torch.Tensor] = dict(tensors)
+        self.meta: dict[str, str] = dict(meta or {})
+
+    # ----------------------------------------------------------------------------------- construction
+    @classmethod
+    def from_state_dicts(
+        cls,
+        ft: Mapping[str, torch.Tensor],
+        qat: Mapping[str, torch.Tensor],
+        backbone_keys: Iterable[str],
+        meta: Mapping[str, str] | None = None,
+        ft_name: str = "the FT checkpoint",
+        qat_name: str = "the QAT checkpoint",
+    ) -> QuantVector:
+        """``qat - ft`` over ``backbone_keys`` (integer buffers skipped), after strict layout checks."""
+        keys = [k for k in backbone_keys if ft[k].is_floating_point()] if backbone_keys else []
+        extra = sorted(set(qat) - set(ft))
+        if extra:
+            raise QvecError(f"key {extra[0]!r} is in {qat_name} but not in {ft_name} (different architecture?)")
+        missing = sorted(set(ft) - set(qat))
+        if missing:
+            raise QvecError(f"key {missing[0]!r} is missing from {qat_name} (different architecture?)")
+        check_same_layout(ft, qat, keys, ft_name, qat_name)
+        out = {}
+        for k in keys:
+            _check_finite(k, ft[k], ft_name)
+            _check_finite(k, qat[k], qat_name)
+            out[k] = qat[k].detach() - ft[k].detach()
+        if not out:
+            raise QvecError("no floating-point backbone tensors to take a difference over")
+        return cls(out, meta)
+
+    @classmethod
+    def from_checkpoints(cls, ft: Checkpoint, qat: Checkpoint, allow_fingerprint_mismatch: bool = False) -> QuantVector:
+        """The donor's vector from its FT and QAT checkpoints (both trained from the same theta_0)."""
+        from .models import get_adapter
+
+        ft_spec, qat_spec = ft.model_spec, qat.model_spec
+        if (ft_spec.family, ft_spec.name) != (qat_spec.family, qat_spec.name):
+            raise QvecError(f"architectures differ: {ft.name()} is {ft_spec}, {qat.name()} is {qat_spec}")
+        check_fingerprints(ft.fingerprint, qat.fingerprint, qat.name(), allow_fingerprint_mismatch)
+        adapter = get_adapter(ft_spec)
+        meta = {
+            META_MODEL: ft.meta[META_MODEL],
+            META_DONOR: ft.meta.get(META_TASK, ""),
+            META_QUANT: qat.meta.get(META_QUANT, ""),
+        }
+        if ft.fingerprint:
+            meta[META_FINGERPRINT] = ft.fingerprint
+        vec = cls.from_state_dicts(ft.state, qat.state, adapter.backbone_keys(ft.state), meta, ft.name(), qat.name())
+        return vec
+
+    # ------------------------------------------------------------------------------------- arithmetic
+    def _check_other(self, other: QuantVector) -> None:
+        if set(self.tensors) != set(other.tensors):
+            diff = sorted(set(self.tensors) ^ set(other.tensors))
+            raise QvecError(f"vectors cover different keys, e.g. {diff[0]!r}")
+        check_same_layout(self.tensors, other.tensors, self.tensors, "the left vector", "the right vector")
+        check_fingerprints(self.fingerprint, other.fingerprint, "the right vector", False)
+
+    def _combine_meta(self, other: QuantVector | None, op: str) -> dict[str, str]:
+        meta = {k: v for k, v in self.meta.items() if k in (META_MODEL, META_FINGERPRINT, META_QUANT)}
+        donors = self.meta.get(META_DONOR, "?")
+        meta[META_DONOR] = f"{op}({donors}{', ' + other.meta.get(META_DONOR, '?') if other else ''})"
+        return meta
+
+    def __add__(self, other: QuantVector | int) -> QuantVector:
+        if isinstance(other, int) and other == 0:  # lets sum() work
+            return self
+        if not isinstance(other, QuantVector):
+            return NotImplemented
+        self._check_other(other)
+        return QuantVector({k: v + other.tensors[k] for k, v in self.tensors.items()}, self._combine_meta(other, "add"))
+
+    __radd__ = __add__
+
+    def __sub__(self, other: QuantVector) -> QuantVector:
+        if not isinstance(other, QuantVector):
+            return NotImplemented
+        self._check_other(other)
+        return QuantVector({k: v - other.tensors[k] for k, v in self.tensors.items()}, self._combine_meta(other, "sub"))
+
+    def __neg__(self) -> QuantVector:
+        return QuantVector({k: -v for k, v in self.tensors.items()}, self._combine_meta(None, "neg"))
+
+    def __mul__(self, scalar: float) -> QuantVector:
+        if not isinstance(scalar, int | float):
+            return NotImplemented
+        return QuantVector({k: v * scalar for k, v in self.tensors.items()}, self._combine_meta(None, f"{scalar}*"))
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, scalar: float) -> QuantVector:
+        return self * (1.0 / scalar)
+
+    @staticmethod
+    def mean(vectors: Iterable[QuantVector]) -> QuantVector:
+        """The average of several donors' vectors (a multi-donor patch)."""
+        vs = list(vectors)
+        if not vs:
+            raise QvecError("mean of zero vectors")
+        total = sum(vs[1:], vs[0]) * (1.0 / len(vs))
+        total.meta[META_DONOR] = "mean(" + ", ".join(v.meta.get(META_DONOR, "?") for v in vs) + ")"
+        return total
+
+    # ----------------------------------------------------------------------------------------- patching
+    def apply_to_state(
+        self,
+        receiver: Mapping[str, torch.Tensor],
+        lam: float = 1.0,
+        receiver_name: str = "the receiver",
+        receiver_fingerprint: str | None = None,
+        allow_fingerprint_mismatch: bool = False,
+    ) -> dict[str, torch.Tensor]:
+        """A new state dict ``receiver + lam * self``; keys outside the vector (the head) are copied as is."""
+        if not math.isfinite(lam):
+            raise QvecError(f"lambda must be finite, got {lam}")
+        check_fingerprints(self.fingerprint, receiver_fingerprint, receiver_name, allow_fingerprint_mismatch)
+        check_same_layout(receiver, self.tensors, self.tensors, receiver_name, "the vector")
+        for k, t in receiver.items():
+            if k in self.tensors:
+                _check_finite(k, t, receiver_name)
+        out = {}
+        for k, t in receiver.items():
+            if k in self.tensors:
+                out[k] = torch.add(t, self.tensors[k], alpha=lam) if lam else t.clone()
+            else:
+                out[k] = t.clone()
+        return out
+
+    def apply(self, receiver: Checkpoint, lam: float = 1.0, allow_fingerprint_mismatch: bool = False) -> Checkpoint:
+        """Patch a receiver checkpoint: theta_FT^R + lam * tau. The receiver keeps its own head."""
+        rspec = receiver.model_spec if "qvec.model" in receiver.meta else None
+        vspec = self.model_spec
+        if rspec is not None and vspec is not None and (rspec.family, rspec.name) != (vspec.family, vspec.name):
+            raise QvecError(f"{receiver.name()} is {rspec}, but the vector was made for {vspec}")
+        state = self.apply_to_state(
+            receiver.state, lam, receiver.name(), receiver.fingerprint, allow_fingerprint_mismatch
+        )
+        meta = dict(receiver.meta)
+        meta["qvec.kind"] = "patched"
+        meta["qvec.patch"] = json.dumps({"donor": self.meta.get(META_DONOR, ""), "lambda": lam})
+        return Checkpoint(state, meta)
+
+    # ------------------------------------------------------------------------------------------ analysis
+    @property
+    def fingerprint(self) -> str | None:
+        return self.meta.get(META_FINGERPRINT) or None
+
+    @property
+    def model_spec(self):
+        from .models import ModelSpec
+
+        raw = self.meta.get(META_MODEL)
+        return ModelSpec.from_json(raw) if raw else None
+
+    @property
+    def num_params(self) -> int:
+        return sum(t.numel() for t in self.tensors.values())
+
+    def norm(self) -> float:
+        """Global L2 norm over every tensor."""
+        return math.sqrt(sum(float(t.double().pow(2).sum()) for t in self.tensors.values()))
+
+    def norms(self) -> dict[str, float]:
+        """L2 norm per tensor."""
+        return {k: float(t.double().norm()) for k, t in self.tensors.items()}
+
+    def dot(self, other: QuantVector) -> float:
+        self._check_other(other)
+        return sum(float((v.double() * other.tensors[k].double()).sum()) for k, v in self.tensors.items())
+
+    def cosine(self, other: QuantVector) -> float:
+        """Cosine similarity of the two flattened vectors (H = I in SPEC section 8)."""
+        denom = self.norm() * other.norm()
+        return self.dot(other) / denom if denom else 0.0
+
+    def cosine_per_tensor(self, other: QuantVector) -> dict[str, float]:
+        self._check_other(other)
+        out = {}
+        for k, v in self.tensors.items():
+            a, b = v.double().flatten(), other.tensors[k].double().flatten()
+            d = float(a.norm() * b.norm())
+            out[k] = float(a @ b) / d if d else 0.0
+        return out
+
+    # --------------------------------------------------------------------------------------------- I/O
+    def save(self, path: str | os.PathLike) -> Path:
+        meta = dict(self.meta)
+        meta.update({META_FORMAT: "vector", META_PARAMS: str(self.num_params), "qvec.version": __version__})
+        save_safetensors(path, self.tensors, meta)
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> QuantVector:
+        tensors, meta = read_safetensors(path)
+        if meta.get(META_FORMAT) != "vector":
+            raise QvecError(f"{path}: not a qvec quantization vector (format {meta.get(META_FORMAT, 'unknown')!r})")
+        for k, t in tensors.items():
+            _check_finite(k, t, str(path))
+        return cls(tensors, meta)
+
+    def __repr__(self) -> str:
+        return (
+            f"QuantVector(donor={self.meta.get(META_DONOR, '?')!r}, tensors={len(self.tensors)}, "
+            f"params={self.num_params}, norm={self.norm():.4g})"
+        )
