@@ -100,6 +100,14 @@ class ModelAdapter(ABC):
         """True when the head is trained with the backbone (supervised ViTs); False for frozen zero-shot heads."""
         return True
 
+    def init_head(self, model: nn.Module, spec: ModelSpec, classnames: list[str], task: str) -> None:
+        """Prepare the head of a freshly built model for a task before FT/QAT.
+
+        Supervised families keep the randomly initialised linear head (trained jointly); CLIP families
+        overwrite it with the frozen zero-shot head built from the text encoder.
+        """
+        return None
+
 
 _REGISTRY: dict[str, ModelAdapter] = {}
 
