@@ -122,8 +122,9 @@ class Checkpoint:
         self.path = Path(path)
         return self.path
 
-    def name(self) -> str:
-        return str(self.path) if self.path is not None else "<checkpoint>"
+    def name(self, default: str = "the checkpoint") -> str:
+        """How error messages refer to this checkpoint: its file, else ``default``."""
+        return str(self.path) if self.path is not None else default
 
     @property
     def model_spec(self):

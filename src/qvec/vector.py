@@ -107,7 +107,7 @@ class QuantVector:
         ft_spec, qat_spec = ft.model_spec, qat.model_spec
         if (ft_spec.family, ft_spec.name) != (qat_spec.family, qat_spec.name):
             raise QvecError(f"architectures differ: {ft.name()} is {ft_spec}, {qat.name()} is {qat_spec}")
-        check_fingerprints(ft.fingerprint, qat.fingerprint, qat.name(), allow_fingerprint_mismatch)
+        check_fingerprints(ft.fingerprint, qat.fingerprint, qat.name("the QAT checkpoint"), allow_fingerprint_mismatch)
         adapter = get_adapter(ft_spec)
         meta = {
             META_MODEL: ft.meta[META_MODEL],
@@ -116,8 +116,14 @@ class QuantVector:
         }
         if ft.fingerprint:
             meta[META_FINGERPRINT] = ft.fingerprint
-        vec = cls.from_state_dicts(ft.state, qat.state, adapter.backbone_keys(ft.state), meta, ft.name(), qat.name())
-        return vec
+        return cls.from_state_dicts(
+            ft.state,
+            qat.state,
+            adapter.backbone_keys(ft.state),
+            meta,
+            ft.name("the FT checkpoint"),
+            qat.name("the QAT checkpoint"),
+        )
 
     # ------------------------------------------------------------------------------------- arithmetic
     def _check_other(self, other: QuantVector) -> None:
@@ -202,9 +208,9 @@ class QuantVector:
         rspec = receiver.model_spec if "qvec.model" in receiver.meta else None
         vspec = self.model_spec
         if rspec is not None and vspec is not None and (rspec.family, rspec.name) != (vspec.family, vspec.name):
-            raise QvecError(f"{receiver.name()} is {rspec}, but the vector was made for {vspec}")
+            raise QvecError(f"{receiver.name('the receiver')} is {rspec}, but the vector was made for {vspec}")
         state = self.apply_to_state(
-            receiver.state, lam, receiver.name(), receiver.fingerprint, allow_fingerprint_mismatch
+            receiver.state, lam, receiver.name("the receiver"), receiver.fingerprint, allow_fingerprint_mismatch
         )
         meta = dict(receiver.meta)
         meta["qvec.kind"] = "patched"

@@ -19,6 +19,7 @@ __all__ = [
     "get_adapter",
     "load_model",
     "register_adapter",
+    "with_model",
 ]
 
 
@@ -35,6 +36,15 @@ def load_model(ckpt: Checkpoint, spec: ModelSpec | None = None) -> tuple[nn.Modu
     load_state_strict(model, ckpt.state, ckpt.name())
     model.eval()
     return model, adapter, spec
+
+
+def with_model(ckpt: Checkpoint, model: str) -> Checkpoint:
+    """Give a headerless checkpoint (a plain state dict) its architecture; the class count is read off its head."""
+    spec = ModelSpec.parse(model)
+    if not spec.num_classes:
+        spec = spec.with_classes(get_adapter(spec).infer_num_classes(ckpt.state))
+    ckpt.meta[META_MODEL] = spec.to_json()
+    return ckpt
 
 
 def checkpoint_from_model(model: nn.Module, spec: ModelSpec, **meta: str) -> Checkpoint:

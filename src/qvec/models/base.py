@@ -92,6 +92,13 @@ class ModelAdapter(ABC):
         """Floating-point keys that belong to the backbone (the quantization vector's domain)."""
         return [k for k, v in state.items() if v.is_floating_point() and not self.is_head(k)]
 
+    def infer_num_classes(self, state: dict[str, torch.Tensor]) -> int:
+        """The class count of a state dict, read off the first 2-D head weight (0 when there is no head)."""
+        for k, v in state.items():
+            if self.is_head(k) and k.endswith("weight") and v.ndim == 2:
+                return int(v.shape[0])
+        return 0
+
     def targets(self, model: nn.Module, include_in_proj: bool = True) -> list[Target]:
         """The backbone weights that PTQ and QAT quantize."""
         return find_targets(model, self.head_prefixes, include_in_proj=include_in_proj)

@@ -1,0 +1,180 @@
+"""Core commands: extract, patch, quantize, pack, unpack, inspect, models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ..checkpoint import Checkpoint
+from ..errors import QvecError
+from ..inspect_file import describe
+from ..models import families, get_adapter, with_model
+from ..pack import load_packed, pack_checkpoint
+from ..ptq import quantize_checkpoint
+from ..quant import QuantSpec
+from ..vector import QuantVector
+from . import app
+
+out = Console()
+
+Bits = Annotated[int, typer.Option("--bits", "-b", help="Bit-width, 2..8 (paper default 3).")]
+Gran = Annotated[str, typer.Option("--granularity", "-g", help="channel (paper default), tensor or group.")]
+GroupSize = Annotated[int, typer.Option("--group-size", help="Group size along the input dimension.")]
+Asym = Annotated[bool, typer.Option("--asymmetric/--symmetric", help="Asymmetric (zero point) or symmetric.")]
+InProj = Annotated[
+    bool,
+    typer.Option(
+        "--in-proj/--no-in-proj",
+        help="Quantize fused MultiheadAttention in_proj_weight (default); --no-in-proj reproduces the authors' PTQ.",
+    ),
+]
+Output = Annotated[Path, typer.Option("--output", "-o", help="Output file (safetensors).")]
+ModelOpt = Annotated[
+    str | None,
+    typer.Option("--model", "-m", help="Architecture (family:name) of checkpoints without a qvec header."),
+]
+AllowFp = Annotated[
+    bool, typer.Option("--allow-fingerprint-mismatch", help="Apply even if made for another pretrained backbone.")
+]
+
+
+def load_checkpoint(path: Path, model: str | None = None) -> Checkpoint:
+    """Load a checkpoint; ``model`` names the architecture of a file without a qvec header (a plain state dict)."""
+    ckpt = Checkpoint.load(path)
+    return with_model(ckpt, model) if model else ckpt
+
+
+def quant_spec(bits: int, granularity: str, group_size: int, asymmetric: bool) -> QuantSpec:
+    return QuantSpec(bits=bits, symmetric=not asymmetric, granularity=granularity, group_size=group_size)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB"
+
+
+@app.command()
+def extract(
+    ft: Annotated[Path, typer.Option("--ft", help="Donor's fine-tuned (FT) checkpoint.")],
+    qat: Annotated[Path, typer.Option("--qat", help="Donor's QAT checkpoint (same theta_0, recipe, seed).")],
+    output: Output,
+    allow_fingerprint_mismatch: AllowFp = False,
+    model: ModelOpt = None,
+) -> None:
+    """Extract the donor's quantization vector tau = theta_QAT - theta_FT (backbone only)."""
+    vec = QuantVector.from_checkpoints(
+        load_checkpoint(ft, model), load_checkpoint(qat, model), allow_fingerprint_mismatch
+    )
+    vec.save(output)
+    out.print(f"wrote {output}: {len(vec.tensors)} tensors, {vec.num_params:,} params, norm {vec.norm():.4f}")
+
+
+@app.command()
+def patch(
+    receiver: Annotated[Path, typer.Option("--receiver", "-r", help="Receiver's fine-tuned checkpoint.")],
+    vector: Annotated[list[Path], typer.Option("--vector", "-v", help="Quantization vector(s); several are averaged.")],
+    output: Output,
+    lam: Annotated[float, typer.Option("--lam", "-l", help="Scale lambda; 1.0 is the zero-shot setting.")] = 1.0,
+    allow_fingerprint_mismatch: AllowFp = False,
+    model: ModelOpt = None,
+) -> None:
+    """Patch a receiver: theta_FT^R + lam * tau (the receiver keeps its head). Quantize the result next."""
+    vecs = [QuantVector.load(v) for v in vector]
+    vec = vecs[0] if len(vecs) == 1 else QuantVector.mean(vecs)
+    patched = vec.apply(load_checkpoint(receiver, model), lam, allow_fingerprint_mismatch)
+    patched.save(output)
+    out.print(f"wrote {output}: {receiver.name} + {lam:g} * {vec.meta.get('qvec.donor', 'vector')}")
+
+
+@app.command()
+def quantize(
+    input: Annotated[Path, typer.Argument(help="Checkpoint to quantize.")],
+    output: Output,
+    bits: Bits = 3,
+    granularity: Gran = "channel",
+    group_size: GroupSize = 128,
+    asymmetric: Asym = False,
+    in_proj: InProj = True,
+    model: ModelOpt = None,
+) -> None:
+    """Post-training quantization (RTN, weight-only): write a fake-quantized float checkpoint."""
+    spec = quant_spec(bits, granularity, group_size, asymmetric)
+    q = quantize_checkpoint(load_checkpoint(input, model), spec, include_in_proj=in_proj)
+    q.save(output)
+    out.print(f"wrote {output}: {spec}")
+
+
+@app.command()
+def pack(
+    input: Annotated[Path, typer.Argument(help="Checkpoint (float weights) to pack.")],
+    output: Output,
+    bits: Bits = 3,
+    granularity: Gran = "channel",
+    group_size: GroupSize = 128,
+    asymmetric: Asym = False,
+    in_proj: InProj = True,
+    scale_dtype: Annotated[str, typer.Option(help="float16 (default) or float32 (bit-exact with PTQ).")] = "float16",
+    model: ModelOpt = None,
+) -> None:
+    """Write a real low-bit checkpoint: bit-packed integer codes, fp16 scales, other tensors as is."""
+    spec = quant_spec(bits, granularity, group_size, asymmetric)
+    r = pack_checkpoint(load_checkpoint(input, model), spec, output, include_in_proj=in_proj, scale_dtype=scale_dtype)
+    out.print(
+        f"wrote {output}: {_mb(r.packed_bytes)} (fp32 {_mb(r.fp32_bytes)}, fp16 {_mb(r.fp16_bytes)}); "
+        f"{r.num_quantized} quantized tensors at {r.quantized_ratio:.3f} of their fp32 size"
+    )
+
+
+@app.command()
+def unpack(
+    input: Annotated[Path, typer.Argument(help="Packed checkpoint.")],
+    output: Output,
+) -> None:
+    """Dequantize a packed checkpoint into a float checkpoint any PyTorch code can load."""
+    ckpt = load_packed(input)
+    ckpt.save(output)
+    out.print(f"wrote {output}")
+
+
+@app.command()
+def inspect(
+    file: Annotated[Path, typer.Argument(help="Checkpoint, vector or packed file (.safetensors, .pt, .bin).")],
+    limit: Annotated[int, typer.Option(help="Tensors to list (0 = all).")] = 20,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+) -> None:
+    """Show what a file holds: kind, metadata, keys, shapes, dtypes, norms."""
+    s = describe(file)
+    if as_json:
+        print(s.to_json())
+        return
+    out.print(f"[bold]{s.path}[/]: {s.kind}, {len(s.tensors)} tensors, {s.num_params:,} values, {_mb(s.size_bytes)}")
+    if s.meta:
+        meta = Table("metadata", "value", box=None)
+        for k, v in sorted(s.meta.items()):
+            meta.add_row(k, v if len(v) < 200 else v[:197] + "...")
+        out.print(meta)
+    table = Table("key", "shape", "dtype", "L2 norm", box=None)
+    shown = s.tensors if limit <= 0 else s.tensors[:limit]
+    for t in shown:
+        norm = "" if t.norm is None else f"{t.norm:.4g}"
+        table.add_row(t.key, "x".join(map(str, t.shape)) or "scalar", t.dtype, norm)
+    out.print(table)
+    if len(shown) < len(s.tensors):
+        out.print(f"... {len(s.tensors) - len(shown)} more (use --limit 0)")
+
+
+@app.command()
+def models(family: Annotated[str | None, typer.Argument(help="A family to list architectures of.")] = None) -> None:
+    """List model families, or the architectures of one family."""
+    if family is None:
+        for f in families():
+            out.print(f)
+        return
+    names = get_adapter(family).names()
+    if not names:
+        raise QvecError(f"family {family!r} takes any architecture name its library knows")
+    for n in names:
+        out.print(n)

@@ -1,0 +1,170 @@
+"""Top-1 evaluation, built to be called thousands of times (the donor x receiver grid) on CPU.
+
+A split is preprocessed once per model input configuration and kept in memory as one float tensor
+(:meth:`qvec.tasks.TaskSplit.tensors`), so each call is only the forward passes: large batches under
+``torch.inference_mode``. Splits too large to cache are streamed batch by batch.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .checkpoint import META_CLASSES, Checkpoint
+from .errors import QvecError
+from .models import DataConfig, ModelSpec, get_adapter, load_model
+from .quant import QuantSpec, quantize_
+from .tasks import Task
+
+SMALL_VIT_MEAN = (0.5, 0.5, 0.5)
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Top-1 accuracy as a fraction in [0, 1], with the counts and wall time behind it."""
+
+    accuracy: float
+    correct: int
+    n: int
+    seconds: float
+
+    @property
+    def images_per_s(self) -> float:
+        return self.n / self.seconds if self.seconds > 0 else float("inf")
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "images_per_s": self.images_per_s}
+
+    def __str__(self) -> str:
+        return f"top-1 {100 * self.accuracy:.2f}% ({self.correct}/{self.n}), {self.images_per_s:.0f} img/s"
+
+
+def infer_data_config(model: nn.Module) -> DataConfig:
+    """The input configuration of a model when the caller did not give one.
+
+    timm models carry theirs in ``pretrained_cfg``; qvec's built-in ViTs (no hub config) use mean = std = 0.5 at
+    their patch-embedding size. Pass ``config=`` explicitly for anything else.
+    """
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    if "mean" in cfg and "input_size" in cfg:
+        return DataConfig(int(cfg["input_size"][-1]), tuple(cfg["mean"]), tuple(cfg["std"]),
+                          cfg.get("interpolation", "bicubic"))
+    pe = getattr(model, "patch_embed", None)
+    size = getattr(pe, "img_size", None)
+    if size is not None:
+        return DataConfig(int(size[0]), SMALL_VIT_MEAN, SMALL_VIT_MEAN, "bilinear")
+    raise QvecError(f"cannot tell the input configuration of a {type(model).__name__}; pass config=")
+
+
+def _num_outputs(model: nn.Module) -> int | None:
+    n = getattr(model, "num_classes", None)
+    return int(n) if isinstance(n, int) and n > 0 else None
+
+
+def evaluate(
+    model: nn.Module,
+    task: Task,
+    split: str = "test",
+    *,
+    batch_size: int = 512,
+    limit: int | None = None,
+    progress: bool = False,
+    config: DataConfig | ModelSpec | None = None,
+    cache_max_bytes: int = 2 << 30,
+) -> EvalResult:
+    """Top-1 of ``model`` on a split of ``task`` (first ``limit`` examples if given).
+
+    ``config`` is the model's input configuration (a ModelSpec resolves it through its adapter); by default it is
+    inferred from the model. The model is put in eval mode for the call and its previous mode restored.
+    """
+    if isinstance(config, ModelSpec):
+        config = get_adapter(config).data_config(config, model)
+    config = config or infer_data_config(model)
+    nout = _num_outputs(model)
+    if nout is not None and nout != task.num_classes:
+        raise QvecError(f"the model has a head for {nout} classes but task {task.name!r} has {task.num_classes}")
+    ds = task.split(split)  # type: ignore[arg-type]
+    n = len(ds) if limit is None else max(0, min(limit, len(ds)))
+    labels = ds.labels[:n]
+    cached = ds.tensors(config, max_bytes=cache_max_bytes) if n else None
+    was_training = model.training
+    model.eval()
+    correct = 0
+    bar = None
+    t0 = time.perf_counter()
+    try:
+        if progress:
+            from rich.progress import Progress
+
+            bar = Progress(transient=True)
+            bar.start()
+            job = bar.add_task(f"eval {task.name}/{split}", total=n)
+        with torch.inference_mode():
+            for s in range(0, n, batch_size):
+                e = min(s + batch_size, n)
+                if cached is not None:
+                    x = cached[s:e]
+                else:
+                    from .tasks import normalize
+
+                    x = normalize(ds.load(range(s, e), config.image_size, config.interpolation),
+                                  config.mean, config.std)
+                pred = model(x).argmax(dim=-1)
+                correct += int((pred == labels[s:e]).sum())
+                if bar is not None:
+                    bar.update(job, advance=e - s)
+    finally:
+        if bar is not None:
+            bar.stop()
+        model.train(was_training)
+    secs = time.perf_counter() - t0
+    return EvalResult(correct / n if n else 0.0, correct, n, secs)
+
+
+def check_checkpoint_task(ckpt: Checkpoint, spec: ModelSpec, task: Task) -> None:
+    """A checkpoint's head must match the task: same class count and, when recorded, the same class names."""
+    if spec.num_classes != task.num_classes:
+        raise QvecError(
+            f"{ckpt.name()}: head has {spec.num_classes} classes but task {task.name!r} has {task.num_classes}"
+        )
+    raw = ckpt.meta.get(META_CLASSES)
+    if raw:
+        try:
+            names = json.loads(raw)
+        except ValueError:
+            return
+        if isinstance(names, list) and [str(c) for c in names] != list(task.classes):
+            raise QvecError(
+                f"{ckpt.name()}: trained for classes {names[:4]}... but task {task.name!r} has "
+                f"{list(task.classes)[:4]}... (another task's head)"
+            )
+
+
+def evaluate_checkpoint(
+    ckpt: Checkpoint | str | Path,
+    task: Task,
+    split: str = "test",
+    quant: QuantSpec | None = None,
+    include_in_proj: bool = True,
+    *,
+    batch_size: int = 512,
+    limit: int | None = None,
+    progress: bool = False,
+    check_classes: bool = True,
+) -> EvalResult:
+    """Load a checkpoint, optionally apply PTQ (``quant``) to the adapter's targets, and evaluate it."""
+    if not isinstance(ckpt, Checkpoint):
+        ckpt = Checkpoint.load(ckpt)
+    spec = ckpt.model_spec
+    if check_classes:
+        check_checkpoint_task(ckpt, spec, task)
+    model, adapter, spec = load_model(ckpt, spec)
+    if quant is not None:
+        quantize_(model, quant, adapter.targets(model, include_in_proj))
+    return evaluate(model, task, split, batch_size=batch_size, limit=limit, progress=progress,
+                    config=adapter.data_config(spec, model))

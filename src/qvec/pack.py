@@ -1,0 +1,163 @@
+"""Packed low-bit checkpoints: the integer codes of every quantized weight bit-packed at the chosen bit-width.
+
+A 3-bit weight really takes 3 bits: codes are stored as unsigned levels (``q - qmin``) packed little-endian into a
+uint8 stream; scales are fp16 (one per row or group) and zero points uint8 (asymmetric only). Every other tensor
+is stored as is. Dequantizing gives ``(level + qmin - zero) * scale16``; with fp32 scales (``scale_dtype``) it
+equals :func:`qvec.quant.fake_quantize` exactly, and with fp16 scales each weight differs from it by at most
+``max|q - zero| * |scale32 - scale16| <= 2**bits * scale32 * 2**-11`` (fp16 keeps 11 significant bits).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import META_FORMAT, META_MODEL, META_QUANT, Checkpoint, read_safetensors, save_safetensors
+from .errors import QvecError
+from .ptq import target_keys
+from .quant import QuantSpec, _grouped_view, dequantize_codes, quantize_codes
+
+CODES, SCALE, ZERO = ".__qcodes", ".__qscale", ".__qzero"
+META_PACKED = "qvec.packed"
+SCALE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+
+
+def pack_bits(levels: np.ndarray, bits: int) -> np.ndarray:
+    """Pack unsigned ``bits``-bit integers (uint8 array) into a dense little-endian uint8 bit stream."""
+    flat = np.ascontiguousarray(levels, dtype=np.uint8).reshape(-1, 1)
+    bit_matrix = np.unpackbits(flat, axis=1, bitorder="little")[:, :bits]
+    return np.packbits(bit_matrix.reshape(-1), bitorder="little")
+
+
+def unpack_bits(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """Inverse of :func:`pack_bits`: ``count`` unsigned integers of ``bits`` bits each."""
+    if packed.size * 8 < count * bits:
+        raise QvecError(f"packed stream holds {packed.size * 8} bits, {count * bits} needed for {count} codes")
+    bit_matrix = np.unpackbits(packed, count=count * bits, bitorder="little").reshape(count, bits)
+    padded = np.zeros((count, 8), dtype=np.uint8)
+    padded[:, :bits] = bit_matrix
+    return np.packbits(padded, axis=1, bitorder="little").reshape(count)
+
+
+@dataclass
+class PackReport:
+    """Sizes in bytes of the packed file against fp32 and fp16 checkpoints of the same model."""
+
+    packed_bytes: int
+    fp32_bytes: int
+    fp16_bytes: int
+    quantized_fp32_bytes: int
+    quantized_packed_bytes: int
+    num_quantized: int
+
+    @property
+    def quantized_ratio(self) -> float:
+        """Packed bytes of the quantized tensors (codes + scales + zeros) over their fp32 bytes."""
+        return self.quantized_packed_bytes / max(1, self.quantized_fp32_bytes)
+
+
+def pack_state(
+    state: dict[str, torch.Tensor], keys: list[str], quant: QuantSpec, scale_dtype: torch.dtype = torch.float16
+) -> tuple[dict[str, torch.Tensor], dict[str, list[int]]]:
+    """Tensors of a packed checkpoint, and the original shape of every packed weight."""
+    out: dict[str, torch.Tensor] = {}
+    shapes: dict[str, list[int]] = {}
+    keyset = set(keys)
+    for k, t in state.items():
+        if k not in keyset:
+            out[k] = t
+            continue
+        levels, scale, zero = quantize_codes(t, quant)
+        out[k + CODES] = torch.from_numpy(pack_bits(levels.numpy(), quant.bits))
+        out[k + SCALE] = scale.to(scale_dtype)
+        if zero is not None:
+            out[k + ZERO] = zero.to(torch.uint8)
+        shapes[k] = list(t.shape)
+    return out, shapes
+
+
+def unpack_state(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> dict[str, torch.Tensor]:
+    """Dequantize a packed checkpoint's tensors back to a float state dict (original keys and shapes)."""
+    try:
+        info = json.loads(meta[META_PACKED])
+        quant = QuantSpec.from_dict(info["quant"])
+        shapes, dtypes = info["shapes"], info["dtypes"]
+    except (KeyError, ValueError, TypeError) as e:
+        raise QvecError(f"packed checkpoint header is malformed ({e})") from None
+    suffixes = (CODES, SCALE, ZERO)
+    state = {k: v for k, v in tensors.items() if not k.endswith(suffixes)}
+    for k, shape in shapes.items():
+        for suffix in (CODES, SCALE):
+            if k + suffix not in tensors:
+                raise QvecError(f"packed checkpoint lacks tensor {k + suffix!r}")
+        count = int(np.prod(shape))
+        levels = torch.from_numpy(unpack_bits(tensors[k + CODES].numpy(), quant.bits, count))
+        scale = tensors[k + SCALE]
+        rows = scale.shape[0]
+        if count % rows:
+            raise QvecError(f"packed tensor {k!r}: {rows} scales do not divide {count} weights")
+        w = dequantize_codes(levels.reshape(rows, -1), scale, tensors.get(k + ZERO), quant, shape)
+        state[k] = w.to(getattr(torch, dtypes[k]))
+    return state
+
+
+def pack_checkpoint(
+    ckpt: Checkpoint,
+    quant: QuantSpec,
+    out: str | os.PathLike,
+    include_in_proj: bool = True,
+    scale_dtype: str = "float16",
+) -> PackReport:
+    """Write a real low-bit checkpoint of ``ckpt`` to ``out`` and report its size against fp32/fp16."""
+    if scale_dtype not in SCALE_DTYPES:
+        raise QvecError(f"scale dtype must be one of {', '.join(SCALE_DTYPES)}, got {scale_dtype!r}")
+    spec = ckpt.model_spec
+    keys = target_keys(spec, include_in_proj)
+    for k in keys:
+        if k not in ckpt.state:
+            raise QvecError(f"{ckpt.name()}: quantization target {k!r} is not in the checkpoint")
+        _grouped_view(ckpt.state[k], quant)  # validates group size up front, before anything is written
+    tensors, shapes = pack_state(ckpt.state, keys, quant, SCALE_DTYPES[scale_dtype])
+    meta = {k: v for k, v in ckpt.meta.items() if k != META_FORMAT}
+    meta[META_FORMAT] = "packed"
+    meta[META_QUANT] = json.dumps({**quant.to_dict(), "include_in_proj": include_in_proj})
+    meta[META_PACKED] = json.dumps(
+        {
+            "quant": quant.to_dict(),
+            "shapes": shapes,
+            "dtypes": {k: str(ckpt.state[k].dtype).removeprefix("torch.") for k in shapes},
+            "scale_dtype": scale_dtype,
+        }
+    )
+    save_safetensors(out, tensors, meta)
+    n_all = sum(t.numel() for t in ckpt.state.values() if t.is_floating_point())
+    q_fp32 = sum(ckpt.state[k].numel() * 4 for k in shapes)
+    q_packed = sum(
+        tensors[k + s].numel() * tensors[k + s].element_size() for k in shapes for s in (CODES, SCALE, ZERO)
+        if k + s in tensors
+    )
+    return PackReport(
+        packed_bytes=Path(out).stat().st_size,
+        fp32_bytes=n_all * 4,
+        fp16_bytes=n_all * 2,
+        quantized_fp32_bytes=q_fp32,
+        quantized_packed_bytes=q_packed,
+        num_quantized=len(shapes),
+    )
+
+
+def load_packed(path: str | os.PathLike) -> Checkpoint:
+    """Read a packed checkpoint and dequantize it to a float :class:`Checkpoint` (same keys as the original)."""
+    tensors, meta = read_safetensors(path)
+    if meta.get(META_FORMAT) != "packed":
+        raise QvecError(f"{path}: not a packed qvec checkpoint (format {meta.get(META_FORMAT, 'unknown')!r})")
+    state = unpack_state(tensors, meta)
+    out_meta = {k: v for k, v in meta.items() if k not in (META_FORMAT, META_PACKED)}
+    if META_MODEL not in out_meta:
+        raise QvecError(f"{path}: packed checkpoint has no model spec in its header")
+    return Checkpoint(state, out_meta, Path(path))

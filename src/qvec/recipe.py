@@ -1,0 +1,115 @@
+"""Training recipes: the paper's fine-tuning recipe (SPEC section 4) and measured defaults for the small ViTs.
+
+FT and QAT always share one recipe (same lr, schedule, seed, data order, epochs); only fake quantization differs.
+The paper's lr of 1e-5 is for large pretrained ViTs; qvec's built-in 32x32 ViTs (family ``qvec``) are trained from
+a small CIFAR backbone and need a much larger lr and far fewer epochs. Their defaults were chosen by measurement
+(docs/training.md).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields, replace
+
+from .errors import QvecError
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """AdamW + cosine schedule with linear warm-up, batch ``batch_size`` (= micro-batch x ``grad_accum``).
+
+    ``epochs`` counts passes over the task's ``train`` split (training set minus validation); ``train_limit``
+    caps that split to its first N examples (the data files are pre-shuffled, so a prefix is class balanced).
+    ``augment`` turns on random-crop (padding 1/8 of the side) and, with ``hflip``, horizontal flips.
+    """
+
+    lr: float = 1e-5
+    weight_decay: float = 0.1
+    warmup_steps: int = 500
+    batch_size: int = 128
+    grad_accum: int = 1
+    grad_clip: float = 1.0
+    label_smoothing: float = 0.0
+    epochs: int = 1
+    seed: int = 2038
+    augment: bool = False
+    hflip: bool = False
+    min_lr_ratio: float = 0.0
+    train_limit: int | None = None
+    eval_batch_size: int = 512
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.lr > 0, "lr must be positive"),
+            (self.weight_decay >= 0, "weight_decay must be >= 0"),
+            (self.warmup_steps >= 0, "warmup_steps must be >= 0"),
+            (self.batch_size >= 1, "batch_size must be >= 1"),
+            (self.grad_accum >= 1, "grad_accum must be >= 1"),
+            (self.batch_size % self.grad_accum == 0, "batch_size must be a multiple of grad_accum"),
+            (self.grad_clip >= 0, "grad_clip must be >= 0 (0 disables clipping)"),
+            (0 <= self.label_smoothing < 1, "label_smoothing must be in [0, 1)"),
+            (self.epochs >= 1, "epochs must be >= 1"),
+            (0 <= self.min_lr_ratio <= 1, "min_lr_ratio must be in [0, 1]"),
+            (self.train_limit is None or self.train_limit >= 1, "train_limit must be >= 1"),
+            (self.eval_batch_size >= 1, "eval_batch_size must be >= 1"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise QvecError(f"bad recipe: {msg} ({self.to_json()})")
+
+    @property
+    def micro_batch(self) -> int:
+        return self.batch_size // self.grad_accum
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Recipe:
+        try:
+            d = json.loads(text)
+        except ValueError as e:
+            raise QvecError(f"malformed recipe JSON: {e}") from None
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise QvecError(f"unknown recipe field {unknown[0]!r}; known: {', '.join(sorted(known))}")
+        return cls(**d)
+
+    def override(self, **changes) -> Recipe:
+        """A copy with the non-None ``changes`` applied (CLI flags left unset keep the default)."""
+        known = {f.name for f in fields(self)}
+        for k in changes:
+            if k not in known:
+                raise QvecError(f"unknown recipe field {k!r}; known: {', '.join(sorted(known))}")
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    @classmethod
+    def paper(cls, epochs: int = 1) -> Recipe:
+        """SPEC section 4: AdamW lr 1e-5, wd 0.1, 500 warm-up steps, batch 128, clip 1.0, no smoothing, seed 2038."""
+        return cls(epochs=epochs)
+
+    @classmethod
+    def for_task(cls, task_name: str, model_spec=None) -> Recipe:
+        """The default recipe for fine-tuning ``model_spec`` on ``task_name``.
+
+        Paper models get the paper recipe with the task's paper epochs (SPEC section 5, 1 for unknown tasks);
+        qvec's built-in small ViTs get :data:`SMALL_FINETUNE`.
+        """
+        if model_spec is not None and getattr(model_spec, "family", None) == "qvec":
+            return SMALL_FINETUNE
+        from .tasks import paper_task
+
+        pt = paper_task(task_name)
+        return cls.paper(epochs=pt.epochs if pt else 1)
+
+    @classmethod
+    def for_pretraining(cls, model_spec=None) -> Recipe:
+        """The recipe that produced the small ViT's theta_0 on the CIFAR-10 pretraining corpus."""
+        return SMALL_PRETRAIN
+
+
+# Measured on 2 CPU cores (docs/training.md): both fit the replication's 90-minute budget.
+SMALL_PRETRAIN = Recipe(lr=1e-3, weight_decay=0.05, warmup_steps=300, batch_size=128, epochs=8,
+                        label_smoothing=0.1, augment=True, hflip=True)
+SMALL_FINETUNE = Recipe(lr=3e-4, weight_decay=0.1, warmup_steps=50, batch_size=128, epochs=2)
