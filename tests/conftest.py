@@ -37,7 +37,7 @@ def ckpts(nano_spec, tmp_path):
     ft = make_ckpt(nano_spec, 0, **{"qvec.task": "donor", "qvec.kind": "ft"}, **fp)
     qat = make_ckpt(nano_spec, 0, **{"qvec.task": "donor", "qvec.kind": "qat"}, **fp)
     with torch.no_grad():  # a QAT model is its FT twin plus a small, structured change
-        for k, v in qat.state.items():
+        for v in qat.state.values():
             if v.is_floating_point():
                 v.add_(0.01 * torch.randn_like(v))
     recv = make_ckpt(nano_spec, 1, **{"qvec.task": "receiver", "qvec.kind": "ft"}, **fp)

@@ -1,0 +1,108 @@
+"""Packed low-bit checkpoints: bit packing, sizes, and equality with the fake-quantized model."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from qvec.checkpoint import read_safetensors
+from qvec.errors import QvecError
+from qvec.models import ModelSpec, load_model
+from qvec.pack import CODES, SCALE, ZERO, load_packed, pack_bits, pack_checkpoint, unpack_bits
+from qvec.ptq import quantize_checkpoint, target_keys
+from qvec.quant import QuantSpec
+
+from .conftest import make_ckpt
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_bit_packing_roundtrip_and_density(bits):
+    rng = np.random.default_rng(bits)
+    x = rng.integers(0, 2**bits, size=1003, dtype=np.uint8)
+    packed = pack_bits(x, bits)
+    assert packed.size == -(-1003 * bits // 8)  # really `bits` bits per value
+    assert np.array_equal(unpack_bits(packed, bits, 1003), x)
+
+
+def test_unpack_rejects_short_stream():
+    with pytest.raises(QvecError, match="packed stream holds"):
+        unpack_bits(np.zeros(2, np.uint8), 3, 10)
+
+
+SPECS = [
+    QuantSpec(3),
+    QuantSpec(2),
+    QuantSpec(4, symmetric=False),
+    QuantSpec(3, granularity="group", group_size=32),
+    QuantSpec(8, symmetric=False, granularity="tensor"),
+]
+
+
+@pytest.mark.parametrize("quant", SPECS, ids=str)
+def test_packed_model_matches_fake_quantized(quant, tmp_path, nano_spec):
+    ckpt = make_ckpt(nano_spec, 0, **{"qvec.task": "t"})
+    ptq = quantize_checkpoint(ckpt, quant)
+    # fp32 scales: bit-exact with PTQ
+    pack_checkpoint(ckpt, quant, tmp_path / "exact.safetensors", scale_dtype="float32")
+    exact = load_packed(tmp_path / "exact.safetensors")
+    assert set(exact.state) == set(ckpt.state)
+    for k in ckpt.state:
+        assert torch.equal(exact.state[k], ptq.state[k]), k
+    # fp16 scales: within the documented bound max|q - z| * |s32 - s16|
+    report = pack_checkpoint(ckpt, quant, tmp_path / "p.safetensors")
+    packed = load_packed(tmp_path / "p.safetensors")
+    max_code = 2**quant.bits if not quant.symmetric else 2 ** (quant.bits - 1)
+    for k in target_keys(nano_spec):
+        w = ckpt.state[k]
+        s32 = w.abs().amax(1, keepdim=True) / quant.qmax if quant.granularity == "channel" else None
+        bound = (
+            max_code * (w.abs().max() / quant.qmax if s32 is None else s32) * 2**-11 * (2 if not quant.symmetric else 1)
+        )
+        assert ((packed.state[k] - ptq.state[k]).abs() <= bound + 1e-12).all(), k
+    x = torch.randn(3, 3, 32, 32)
+    m_ptq, _, _ = load_model(ptq)
+    m_packed, _, _ = load_model(packed)
+    with torch.inference_mode():
+        torch.testing.assert_close(m_packed(x), m_ptq(x), atol=1e-3, rtol=1e-3)
+    assert report.num_quantized == len(target_keys(nano_spec))
+
+
+def test_3bit_size_ratio(tmp_path):
+    spec = ModelSpec("qvec", "vit-small", 10)
+    ckpt = make_ckpt(spec, 0)
+    r = pack_checkpoint(ckpt, QuantSpec(3), tmp_path / "p.safetensors")
+    assert r.quantized_ratio <= 0.12
+    assert r.packed_bytes < r.fp16_bytes / 3
+    meta = json.loads(read_safetensors(tmp_path / "p.safetensors")[1]["qvec.packed"])  # quantizer and shapes
+    assert meta["quant"]["bits"] == 3 and "blocks.0.mlp.fc1.weight" in meta["shapes"]
+
+
+def test_packed_file_layout(tmp_path, nano_spec):
+    ckpt = make_ckpt(nano_spec, 0)
+    pack_checkpoint(ckpt, QuantSpec(3, symmetric=False), tmp_path / "p.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "p.safetensors"), "pt") as f:
+        keys = set(f.keys())
+        assert f.get_tensor("blocks.0.mlp.fc1.weight" + CODES).dtype == torch.uint8
+        assert f.get_tensor("blocks.0.mlp.fc1.weight" + SCALE).dtype == torch.float16
+        assert f.get_tensor("blocks.0.mlp.fc1.weight" + ZERO).dtype == torch.uint8
+    assert "blocks.0.mlp.fc1.weight" not in keys and "blocks.0.mlp.fc1.bias" in keys and "head.weight" in keys
+
+
+def test_pack_bad_inputs(tmp_path, nano_spec):
+    ckpt = make_ckpt(nano_spec, 0)
+    with pytest.raises(QvecError, match="group_size 7 does not divide"):
+        pack_checkpoint(ckpt, QuantSpec(3, granularity="group", group_size=7), tmp_path / "g.safetensors")
+    assert not list(tmp_path.iterdir())  # nothing half-written
+    with pytest.raises(QvecError, match="scale dtype"):
+        pack_checkpoint(ckpt, QuantSpec(3), tmp_path / "g.safetensors", scale_dtype="int8")
+    ckpt.save(tmp_path / "c.safetensors")
+    with pytest.raises(QvecError, match="not a packed qvec checkpoint"):
+        load_packed(tmp_path / "c.safetensors")
+    del ckpt.state["blocks.0.mlp.fc1.weight"]
+    with pytest.raises(QvecError, match="'blocks.0.mlp.fc1.weight' is not in the checkpoint"):
+        pack_checkpoint(ckpt, QuantSpec(3), tmp_path / "x.safetensors")
