@@ -4,7 +4,6 @@ patch + PTQ of permuted models computes the same function."""
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
