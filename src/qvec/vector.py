@@ -38,6 +38,11 @@ def _check_finite(key: str, t: torch.Tensor, source: str) -> None:
         raise QvecError(f"{source}: tensor {key!r} contains {bad}")
 
 
+def _sum_is_finite(t: torch.Tensor) -> bool:
+    """Cheap screen for NaN/Inf: they propagate into the sum (a float overflow is re-checked exactly)."""
+    return t.numel() == 0 or bool(torch.isfinite(t.sum()))
+
+
 def check_same_layout(
     a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], keys: Iterable[str], a_name: str, b_name: str
 ) -> None:
@@ -48,9 +53,7 @@ def check_same_layout(
         if k not in b:
             raise QvecError(f"key {k!r} is missing from {b_name}")
         if a[k].shape != b[k].shape:
-            raise QvecError(
-                f"key {k!r}: shape {tuple(a[k].shape)} in {a_name} but {tuple(b[k].shape)} in {b_name}"
-            )
+            raise QvecError(f"key {k!r}: shape {tuple(a[k].shape)} in {a_name} but {tuple(b[k].shape)} in {b_name}")
         if a[k].dtype != b[k].dtype:
             raise QvecError(f"key {k!r}: dtype {a[k].dtype} in {a_name} but {b[k].dtype} in {b_name}")
 
@@ -92,9 +95,10 @@ class QuantVector:
         check_same_layout(ft, qat, keys, ft_name, qat_name)
         out = {}
         for k in keys:
-            _check_finite(k, ft[k], ft_name)
-            _check_finite(k, qat[k], qat_name)
             out[k] = qat[k].detach() - ft[k].detach()
+            if not _sum_is_finite(out[k]):  # NaN/Inf in either input shows in the difference
+                _check_finite(k, ft[k], ft_name)
+                _check_finite(k, qat[k], qat_name)
         if not out:
             raise QvecError("no floating-point backbone tensors to take a difference over")
         return cls(out, meta)
@@ -186,31 +190,49 @@ class QuantVector:
         receiver_name: str = "the receiver",
         receiver_fingerprint: str | None = None,
         allow_fingerprint_mismatch: bool = False,
+        inplace: bool = False,
     ) -> dict[str, torch.Tensor]:
-        """A new state dict ``receiver + lam * self``; keys outside the vector (the head) are copied as is."""
+        """``receiver + lam * self``; keys outside the vector (the head) are kept as they are.
+
+        With ``inplace`` the receiver's tensors are updated in place (no new memory: the fast path for grids that
+        load a receiver once per patch); otherwise a new state dict is returned and the receiver is untouched.
+        """
         if not math.isfinite(lam):
             raise QvecError(f"lambda must be finite, got {lam}")
         check_fingerprints(self.fingerprint, receiver_fingerprint, receiver_name, allow_fingerprint_mismatch)
         check_same_layout(receiver, self.tensors, self.tensors, receiver_name, "the vector")
+        out = dict(receiver) if inplace else {}
         for k, t in receiver.items():
-            if k in self.tensors:
-                _check_finite(k, t, receiver_name)
-        out = {}
-        for k, t in receiver.items():
-            if k in self.tensors:
-                out[k] = torch.add(t, self.tensors[k], alpha=lam) if lam else t.clone()
+            if k not in self.tensors:
+                out[k] = t if inplace else t.clone()
+                continue
+            if inplace:
+                out[k] = t.add_(self.tensors[k], alpha=lam)
             else:
-                out[k] = t.clone()
+                out[k] = torch.add(t, self.tensors[k], alpha=lam)
+            if not _sum_is_finite(out[k]):  # one reduction instead of a full isfinite mask per tensor
+                _check_finite(k, t, receiver_name)
+                _check_finite(k, self.tensors[k], "the vector")
         return out
 
-    def apply(self, receiver: Checkpoint, lam: float = 1.0, allow_fingerprint_mismatch: bool = False) -> Checkpoint:
-        """Patch a receiver checkpoint: theta_FT^R + lam * tau. The receiver keeps its own head."""
+    def apply(
+        self, receiver: Checkpoint, lam: float = 1.0, allow_fingerprint_mismatch: bool = False, inplace: bool = False
+    ) -> Checkpoint:
+        """Patch a receiver checkpoint: theta_FT^R + lam * tau. The receiver keeps its own head.
+
+        ``inplace`` reuses the receiver's tensors (the receiver checkpoint then holds the patched weights).
+        """
         rspec = receiver.model_spec if "qvec.model" in receiver.meta else None
         vspec = self.model_spec
         if rspec is not None and vspec is not None and (rspec.family, rspec.name) != (vspec.family, vspec.name):
             raise QvecError(f"{receiver.name('the receiver')} is {rspec}, but the vector was made for {vspec}")
         state = self.apply_to_state(
-            receiver.state, lam, receiver.name("the receiver"), receiver.fingerprint, allow_fingerprint_mismatch
+            receiver.state,
+            lam,
+            receiver.name("the receiver"),
+            receiver.fingerprint,
+            allow_fingerprint_mismatch,
+            inplace,
         )
         meta = dict(receiver.meta)
         meta["qvec.kind"] = "patched"
@@ -272,7 +294,8 @@ class QuantVector:
         if meta.get(META_FORMAT) != "vector":
             raise QvecError(f"{path}: not a qvec quantization vector (format {meta.get(META_FORMAT, 'unknown')!r})")
         for k, t in tensors.items():
-            _check_finite(k, t, str(path))
+            if not _sum_is_finite(t):
+                _check_finite(k, t, str(path))
         return cls(tensors, meta)
 
     def __repr__(self) -> str:

@@ -84,7 +84,7 @@ def patch(
     """Patch a receiver: theta_FT^R + lam * tau (the receiver keeps its head). Quantize the result next."""
     vecs = [QuantVector.load(v) for v in vector]
     vec = vecs[0] if len(vecs) == 1 else QuantVector.mean(vecs)
-    patched = vec.apply(load_checkpoint(receiver, model), lam, allow_fingerprint_mismatch)
+    patched = vec.apply(load_checkpoint(receiver, model), lam, allow_fingerprint_mismatch, inplace=True)
     patched.save(output)
     out.print(f"wrote {output}: {receiver.name} + {lam:g} * {vec.meta.get('qvec.donor', 'vector')}")
 

@@ -6,8 +6,8 @@ from torch import nn
 
 from ..checkpoint import META_MODEL, Checkpoint
 from ..errors import QvecError
-from . import timm_vit  # noqa: F401  (registers the timm and built-in families)
-from .base import DataConfig, ModelAdapter, ModelSpec, families, get_adapter, register_adapter
+from . import hf, open_clip, timm_vit  # noqa: F401  (registers the timm, qvec, open_clip, hf-clip, hf-vit families)
+from .base import DataConfig, ModelAdapter, ModelSpec, builtin_names, families, get_adapter, register_adapter
 from .loading import load_state_strict
 
 __all__ = [
@@ -15,6 +15,7 @@ __all__ = [
     "ModelAdapter",
     "ModelSpec",
     "build_model",
+    "builtin_names",
     "families",
     "get_adapter",
     "load_model",
