@@ -171,3 +171,13 @@ def test_integer_buffers_are_skipped(nano_spec):
         c.state["blocks.0.counter"] = torch.tensor([3], dtype=torch.int64)
     v = QuantVector.from_checkpoints(ft, qat)
     assert "blocks.0.counter" not in v.tensors
+
+
+def test_fingerprint_is_stable_and_content_sensitive():
+    from qvec.checkpoint import fingerprint_tensors
+
+    state = {"a": torch.tensor(3.0), "b": torch.randn(3, 4).bfloat16(), "c": torch.randn(2, 3)[:, :2]}
+    fp = fingerprint_tensors(state, ["c", "a", "b"])
+    assert fp == fingerprint_tensors(dict(state), ["a", "b", "c"]) and len(fp) == 16
+    state["a"] = torch.tensor(3.5)
+    assert fingerprint_tensors(state, ["a", "b", "c"]) != fp

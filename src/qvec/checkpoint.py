@@ -149,5 +149,5 @@ def fingerprint_tensors(state: Mapping[str, torch.Tensor], keys: Iterable[str]) 
     for k in sorted(keys):
         t = state[k].detach().contiguous().cpu()
         h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()[:16]
