@@ -337,6 +337,10 @@ class HFCLIPAdapter(ModelAdapter):
         return False
 
     def init_head(self, model: nn.Module, spec: ModelSpec, classnames: list[str], task: str) -> None:
+        """Install the task's zero-shot head; a model loaded without its text half borrows the hub model's."""
+        has_source = "config" not in spec.options or os.path.isdir(spec.name)
+        if isinstance(model, ZeroShotClassifier) and model.text_tower is None and has_source:
+            model.attach_text_tower(self.build(spec, pretrained=True).text_tower)
         init_zeroshot_head(model, classnames, task)
 
     def names(self) -> list[str]:

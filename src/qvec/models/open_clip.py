@@ -8,7 +8,9 @@ Options read from ``ModelSpec.options``:
 
 * ``pretrained``: an OpenCLIP pretrained tag (``openai``, ``laion2b_s34b_b88k``, ...) or the path of a local
   OpenCLIP checkpoint. The tag also fixes preprocessing (mean/std) and QuickGELU, so keep it when loading weights
-  from a file (``--weights``) that holds those tag's weights.
+  from a file that holds that tag's weights (``--weights`` or the ``file`` option).
+* ``file``: a local copy of the tag's weights (e.g. ``open_clip_pytorch_model.bin``) to load instead of the hub;
+  keeping the tag keeps its preprocessing and QuickGELU.
 * ``quick_gelu``: force QuickGELU on or off (default: what the model config or the tag says).
 * ``model_cfg``: a full OpenCLIP model config (``embed_dim``, ``vision_cfg``, ``text_cfg``) for an architecture
   OpenCLIP does not ship; it is registered under the spec's name with ``open_clip.add_model_config``.
@@ -209,7 +211,7 @@ class OpenCLIPAdapter(ModelAdapter):
         quick = quick_gelu(spec, cfg)
         source = weights
         if source is None and pretrained:
-            src = spec.options.get("pretrained")
+            src = spec.options.get("file") or spec.options.get("pretrained")
             if not src:
                 known = ", ".join(_oc().list_pretrained_tags_by_model(spec.name)) or "none"
                 raise QvecError(
@@ -272,6 +274,10 @@ class OpenCLIPAdapter(ModelAdapter):
         return False
 
     def init_head(self, model: nn.Module, spec: ModelSpec, classnames: list[str], task: str) -> None:
+        """Install the task's zero-shot head; a model loaded without its text tower borrows the tag's."""
+        has_source = spec.options.get("pretrained") or spec.options.get("file")
+        if isinstance(model, ZeroShotClassifier) and model.text_tower is None and has_source:
+            model.attach_text_tower(self.build(spec, pretrained=True).text_tower)
         init_zeroshot_head(model, classnames, task)
 
     def names(self) -> list[str]:
