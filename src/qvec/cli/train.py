@@ -1,0 +1,199 @@
+"""Training commands: tasks, pretrain, finetune (FT / QAT), eval. Each is one library call plus printing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ..checkpoint import Checkpoint
+from ..errors import QvecError
+from ..evaluate import evaluate_checkpoint
+from ..models import ModelSpec, builtin_names, with_model
+from ..quant import QuantSpec
+from ..recipe import Recipe
+from ..tasks import PAPER_TASKS, get_task, list_tasks, local_task_files, paper_task, resolve_data_dir
+from ..train import finetune as _finetune
+from ..train import pretrain as _pretrain
+from . import app
+
+out = Console()
+
+DataDir = Annotated[
+    Path | None, typer.Option("--data", "-d", help="Folder of task .npz files (default: $QVEC_DATA).")
+]
+Task = Annotated[str, typer.Option("--task", "-t", help="Task name (qvec tasks lists them); hf:NAME forces HF.")]
+Output = Annotated[Path, typer.Option("--output", "-o", help="Output checkpoint (safetensors).")]
+Bits = Annotated[int, typer.Option("--bits", "-b", help="Bit-width for QAT / PTQ, 2..8 (paper default 3).")]
+Gran = Annotated[str, typer.Option("--granularity", "-g", help="channel (paper default), tensor or group.")]
+InProj = Annotated[bool, typer.Option("--in-proj/--no-in-proj", help="Quantize fused MHA in_proj_weight.")]
+Epochs = Annotated[int | None, typer.Option(help="Override the recipe's epochs.")]
+Lr = Annotated[float | None, typer.Option(help="Override the recipe's learning rate.")]
+Batch = Annotated[int | None, typer.Option("--batch-size", help="Override the recipe's batch size.")]
+Warmup = Annotated[int | None, typer.Option("--warmup", help="Override the recipe's warm-up steps.")]
+Seed = Annotated[int | None, typer.Option(help="Override the recipe's seed (paper: 2038).")]
+Limit = Annotated[int | None, typer.Option("--train-limit", help="Train on the first N training examples only.")]
+RecipeFile = Annotated[Path | None, typer.Option("--recipe", help="JSON file with Recipe fields (base recipe).")]
+Threads = Annotated[int | None, typer.Option("--threads", help="torch CPU threads (default: torch's choice).")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+
+
+def _set_threads(n: int | None) -> None:
+    if n is not None:
+        if n < 1:
+            raise QvecError(f"--threads must be >= 1, got {n}")
+        import torch
+
+        torch.set_num_threads(n)
+
+
+def _recipe(base: Recipe, recipe_file: Path | None, **overrides) -> Recipe:
+    if recipe_file is not None:
+        if not recipe_file.is_file():
+            raise QvecError(f"{recipe_file}: no such recipe file")
+        base = Recipe.from_json(recipe_file.read_text())
+    return base.override(**overrides)
+
+
+def _model_spec(name: str) -> ModelSpec:
+    """Parse --model; a name that is neither built in nor a timm model lists the built-in ones."""
+    spec = ModelSpec.parse(name)
+    if spec.family == "qvec" and spec.name not in builtin_names():
+        raise QvecError(f"unknown built-in model {spec.name!r}; known: {', '.join(builtin_names())}")
+    if spec.family == "timm" and ":" not in name:
+        import timm
+
+        if not timm.is_model(spec.name):
+            raise QvecError(f"unknown model {name!r}; built-in: {', '.join(builtin_names())}; or any timm model "
+                            "name (timm:NAME, see `qvec models timm`)")
+    return spec
+
+
+@app.command("tasks")
+def tasks_cmd(data: DataDir = None) -> None:
+    """List the tasks: local .npz files of the data folder, then the paper's Hugging Face tasks."""
+    local = local_task_files(data)
+    table = Table("task", "classes", "paper epochs", "source")
+    for name in list_tasks(data):
+        if name in local:
+            task = get_task(name, data)
+            pt = paper_task(name)
+            table.add_row(name, str(task.num_classes), str(pt.epochs) if pt else "-", str(local[name]))
+        else:
+            pt = PAPER_TASKS[name]
+            src = f"hf:{pt.hf_id}" + (f" ({pt.hf_config})" if pt.hf_config else "")
+            table.add_row(name, str(pt.num_classes), str(pt.epochs), src)
+    out.print(table)
+    if resolve_data_dir(data) is None:
+        out.print("no data folder configured (--data or $QVEC_DATA): only Hugging Face tasks are available")
+
+
+@app.command()
+def pretrain(
+    data_file: Annotated[Path, typer.Option("--data-file", help="JPEG corpus .npz (pretrain_cifar10.npz).")],
+    output: Output,
+    model: Annotated[str, typer.Option("--model", "-m", help="Built-in small ViT.")] = "vit-mini",
+    epochs: Epochs = None,
+    lr: Lr = None,
+    batch_size: Batch = None,
+    warmup: Warmup = None,
+    seed: Seed = None,
+    train_limit: Limit = None,
+    recipe: RecipeFile = None,
+    threads: Threads = None,
+    quiet: Quiet = False,
+) -> None:
+    """Pretrain theta_0 (the shared backbone) on a JPEG corpus; resumable (rerun the same command)."""
+    _set_threads(threads)
+    spec = _model_spec(model)
+    r = _recipe(Recipe.for_pretraining(spec), recipe, epochs=epochs, lr=lr, batch_size=batch_size,
+                warmup_steps=warmup, seed=seed, train_limit=train_limit)
+    ck = _pretrain(spec, data_file, r, output, progress=not quiet)
+    _report_training(ck, output)
+
+
+@app.command()
+def finetune(
+    model: Annotated[str, typer.Option("--model", "-m", help="Architecture (vit-mini, timm:NAME, ...).")],
+    task: Task,
+    output: Output,
+    init: Annotated[Path | None, typer.Option("--init", help="theta_0 file (pretrained backbone).")] = None,
+    qat: Annotated[bool, typer.Option("--qat", help="Quantization-aware training (else plain FT).")] = False,
+    bits: Bits = 3,
+    granularity: Gran = "channel",
+    group_size: Annotated[int, typer.Option("--group-size", help="Group size for group granularity.")] = 128,
+    in_proj: InProj = True,
+    ptq_log: Annotated[bool, typer.Option("--ptq-log", help="FT: also log val accuracy after PTQ.")] = False,
+    data: DataDir = None,
+    epochs: Epochs = None,
+    lr: Lr = None,
+    batch_size: Batch = None,
+    warmup: Warmup = None,
+    seed: Seed = None,
+    train_limit: Limit = None,
+    recipe: RecipeFile = None,
+    threads: Threads = None,
+    quiet: Quiet = False,
+) -> None:
+    """Fine-tune from theta_0: FT, or QAT with --qat (same recipe and seed); resumable (rerun the same command)."""
+    _set_threads(threads)
+    spec = _model_spec(model)
+    t = get_task(task, data)
+    q = QuantSpec(bits=bits, granularity=granularity, group_size=group_size)  # type: ignore[arg-type]
+    r = _recipe(Recipe.for_task(t.name, spec), recipe, epochs=epochs, lr=lr, batch_size=batch_size,
+                warmup_steps=warmup, seed=seed, train_limit=train_limit)
+    ck = _finetune(spec, t, r, output, init=init, qat=q if qat else None, include_in_proj=in_proj,
+                   eval_quant=q if (qat or ptq_log) else None, progress=not quiet)
+    _report_training(ck, output)
+
+
+def _report_training(ck: Checkpoint, output: Path) -> None:
+    log = json.loads(output.with_suffix(".log.json").read_text())
+    last = log["epochs"][-1]
+    val = last.get("val_acc")
+    msg = f"saved {output} ({ck.meta.get('qvec.kind')}, {float(ck.meta['qvec.train_seconds']):.0f} s training"
+    if val is not None:
+        msg += f", val top-1 {100 * val:.2f}%"
+    if last.get("val_acc_ptq") is not None:
+        msg += f", after {last['ptq']} PTQ {100 * last['val_acc_ptq']:.2f}%"
+    out.print(msg + f"); log {output.with_suffix('.log.json')}")
+
+
+@app.command("eval")
+def eval_cmd(
+    model: Annotated[Path, typer.Option("--model", "-m", help="Checkpoint to evaluate.")],
+    task: Task,
+    split: Annotated[str, typer.Option("--split", help="train, val or test.")] = "test",
+    bits: Annotated[int | None, typer.Option("--bits", "-b", help="Apply PTQ at this bit-width first.")] = None,
+    granularity: Gran = "channel",
+    group_size: Annotated[int, typer.Option("--group-size", help="Group size for group granularity.")] = 128,
+    in_proj: InProj = True,
+    arch: Annotated[str | None, typer.Option("--arch", help="Architecture of a checkpoint without qvec header.")]
+    = None,
+    data: DataDir = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Evaluation batch size.")] = 512,
+    limit: Annotated[int | None, typer.Option("--limit", help="Evaluate the first N examples only.")] = None,
+    threads: Threads = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Top-1 of a checkpoint on a task split, optionally after PTQ (--bits), with throughput."""
+    _set_threads(threads)
+    if split not in ("train", "val", "test"):
+        raise QvecError(f"unknown split {split!r}; known: train, val, test")
+    ckpt = Checkpoint.load(model)
+    if arch:
+        ckpt = with_model(ckpt, arch)
+    t = get_task(task, data)
+    q = QuantSpec(bits=bits, granularity=granularity, group_size=group_size) if bits else None  # type: ignore
+    res = evaluate_checkpoint(ckpt, t, split, q, in_proj, batch_size=batch_size, limit=limit)
+    if as_json:
+        print(json.dumps({"checkpoint": str(model), "task": t.name, "split": split,
+                          "quant": str(q) if q else None, **res.to_dict()}))
+        return
+    what = f" after {q} PTQ" if q else ""
+    out.print(f"{model} on {t.name}/{split}{what}: Top-1 {100 * res.accuracy:.2f}% ({res.correct}/{res.n}); "
+              f"{res.images_per_s:.0f} img/s ({res.seconds:.2f} s)")
