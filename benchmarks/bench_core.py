@@ -1,4 +1,4 @@
-"""Speed of the core operations on a ViT-B/16-sized model (timm config, random weights, no download).
+"""Speed of the core operations on a ViT-B/16 (timm config) and a ViT-B/32 OpenCLIP image encoder (random weights).
 
 Prints, for extract / patch / PTQ (3-bit per-channel) / pack: seconds, the bytes of weights each step reads and
 writes divided by its time, and that as a share of this machine's memory-copy bandwidth (a large
@@ -94,7 +94,7 @@ def bench_model(spec: ModelSpec, repeats: int, bw: float) -> list[tuple[str, flo
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", nargs="+", default=["timm:vit_base_patch16_224"])
+    ap.add_argument("--models", nargs="+", default=["timm:vit_base_patch16_224", "open_clip:ViT-B-32"])
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
