@@ -1,0 +1,211 @@
+"""Grid commands: ``qvec grid run|plan|export``, ``qvec report``, ``qvec demo``, ``qvec reproduce mini``.
+
+Each command is one call into :mod:`qvec.grid` plus printing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from ..errors import QvecError
+from . import app
+
+out = Console()
+err = Console(stderr=True)
+
+grid_app = typer.Typer(help="Donor x receiver experiment grids: run, plan, export.", no_args_is_help=True)
+reproduce_app = typer.Typer(help="Reproduce the studies shipped with qvec.", no_args_is_help=True)
+app.add_typer(grid_app, name="grid")
+app.add_typer(reproduce_app, name="reproduce")
+
+Config = Annotated[Path | None, typer.Argument(help="Grid config (.toml/.yaml); optional when flags say it all.")]
+DataDir = Annotated[Path | None, typer.Option("--data", "-d", help="Folder of task .npz files (overrides the config).")]
+Db = Annotated[Path | None, typer.Option("--db", help="Results database (default: <workdir>/<study>.db).")]
+Artifacts = Annotated[Path | None, typer.Option("--artifacts", help="Artifact folder (default: <workdir>/artifacts).")]
+Workdir = Annotated[Path, typer.Option("--workdir", help="Where the database and artifacts go by default.")]
+ExecutorOpt = Annotated[str, typer.Option("--executor", "-e", help="local (default) or ray.")]
+Address = Annotated[str | None, typer.Option("--address", help="Ray cluster address (default: start a local one).")]
+NumCpus = Annotated[int | None, typer.Option("--num-cpus", help="CPUs of a Ray cluster started here.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No per-job lines.")]
+
+
+def _csv(text: str | None, cast=str) -> list | None:
+    if text is None:
+        return None
+    try:
+        return [cast(t.strip()) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise QvecError(f"cannot parse {text!r} as a comma-separated list") from None
+
+
+def _load(config: Path | None, data: Path | None, name: str | None, model: str | None, tasks: str | None,
+          bits: str | None, lambdas: str | None, backbone: str | None, check_tasks: bool = True):
+    from ..grid.config import load_config
+
+    overrides = {"data_dir": str(data.resolve()) if data else None, "name": name, "model": model,
+                 "tasks": _csv(tasks), "bits": _csv(bits, int), "lambdas": _csv(lambdas, float), "backbone": backbone}
+    return load_config(config, overrides, check_tasks=check_tasks)
+
+
+def _executor(name: str, address: str | None, num_cpus: int | None, progress: bool):
+    from ..grid.executors import make_executor
+
+    return make_executor(name, address=address, num_cpus=num_cpus, progress=progress)
+
+
+NameOpt = Annotated[str | None, typer.Option("--name", help="Study name (default: the config file's stem).")]
+ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="Model (family:name), e.g. qvec:vit-mini.")]
+TasksOpt = Annotated[str | None, typer.Option("--tasks", help="Comma-separated tasks (donors and receivers).")]
+BitsOpt = Annotated[str | None, typer.Option("--bits", "-b", help="Comma-separated bit-widths, e.g. 3,2,4.")]
+LambdasOpt = Annotated[str | None, typer.Option("--lambdas", help="Comma-separated lambda grid.")]
+BackboneOpt = Annotated[str | None, typer.Option("--backbone", help="pretrain, hub or a theta_0 weights file.")]
+
+
+@grid_app.command("run")
+def grid_run(
+    config: Config = None,
+    executor: ExecutorOpt = "local",
+    address: Address = None,
+    num_cpus: NumCpus = None,
+    db: Db = None,
+    artifacts: Artifacts = None,
+    data: DataDir = None,
+    workdir: Workdir = Path("runs"),
+    name: NameOpt = None,
+    model: ModelOpt = None,
+    tasks: TasksOpt = None,
+    bits: BitsOpt = None,
+    lambdas: LambdasOpt = None,
+    backbone: BackboneOpt = None,
+    quiet: Quiet = False,
+) -> None:
+    """Run (or resume) a donor x receiver grid; finished jobs are never repeated."""
+    from ..grid import default_paths, run_grid
+
+    cfg = _load(config, data, name, model, tasks, bits, lambdas, backbone)
+    d_db, d_art = default_paths(cfg, workdir)
+    summary = run_grid(cfg, db=db or d_db, artifacts=artifacts or d_art,
+                       executor=_executor(executor, address, num_cpus, progress=not quiet),
+                       log=None if quiet else lambda m: err.print(m, highlight=False))
+    out.print(f"study {summary.study}: {summary.executed} jobs run, {summary.skipped} already done, "
+              f"{summary.new_rows} new results in {summary.seconds:.0f}s -> {summary.db}")
+
+
+@grid_app.command("plan")
+def grid_plan(
+    config: Config = None,
+    db: Db = None,
+    artifacts: Artifacts = None,
+    data: DataDir = None,
+    workdir: Workdir = Path("runs"),
+    name: NameOpt = None,
+    model: ModelOpt = None,
+    tasks: TasksOpt = None,
+    bits: BitsOpt = None,
+    lambdas: LambdasOpt = None,
+    backbone: BackboneOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the graph as JSON.")] = False,
+) -> None:
+    """Print the job graph of a grid (and, with an existing database, which jobs are done)."""
+    from ..grid import build_plan, default_paths, describe_plan, job_status
+    from ..grid.plan import plan_json
+    from ..grid.store import ResultStore
+
+    cfg = _load(config, data, name, model, tasks, bits, lambdas, backbone)
+    d_db, d_art = default_paths(cfg, workdir)
+    plan = build_plan(cfg, artifacts or d_art)
+    if as_json:
+        print(plan_json(plan))
+        return
+    status = None
+    db_path = db or d_db
+    if db_path.is_file():
+        with ResultStore(db_path) as store:
+            status = job_status(plan, store)
+    print(describe_plan(plan, status))
+
+
+@grid_app.command("export")
+def grid_export(
+    db: Annotated[Path, typer.Argument(help="Results database.")],
+    csv: Annotated[Path | None, typer.Option("--csv", help="Write every result row as CSV here.")] = None,
+    parquet: Annotated[Path | None, typer.Option("--parquet", help="Write every result row as Parquet here.")] = None,
+    study: Annotated[str | None, typer.Option("--study", help="Only this study's rows (default: all).")] = None,
+) -> None:
+    """Export results to CSV and/or Parquet."""
+    from ..grid.store import ResultStore
+
+    if csv is None and parquet is None:
+        raise QvecError("give --csv PATH and/or --parquet PATH")
+    if not db.is_file():
+        raise QvecError(f"{db}: no such results database")
+    with ResultStore(db) as store:
+        if study is not None:
+            store.resolve_study(study)
+        n = store.count(study)
+        for path, fn in ((csv, store.export_csv), (parquet, store.export_parquet)):
+            if path is not None:
+                fn(path, study)
+                out.print(f"wrote {n} rows to {path}")
+
+
+@app.command("report")
+def report_cmd(
+    db: Annotated[Path, typer.Argument(help="Results database.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Report folder.")] = Path("report"),
+    study: Annotated[str | None, typer.Option("--study", help="Study to report (default: the latest).")] = None,
+) -> None:
+    """Write the study's tables (Markdown, CSV), figures (PNG, SVG) and report.md."""
+    from ..grid.report import write_report
+
+    if not db.is_file():
+        raise QvecError(f"{db}: no such results database")
+    path = write_report(db, output, study)
+    out.print(f"wrote {path} (tables .md/.csv, figures .png/.svg in {output})")
+
+
+def _print_study(run) -> None:
+    from ..grid.report import print_summary
+
+    print_summary(run.db, run.config.name, echo=print)
+    out.print(f"\n{run.summary.executed} jobs run, {run.summary.skipped} reused, {run.seconds / 60:.1f} min; "
+              f"report: {run.report} (figures beside it); results: {run.db}")
+
+
+@app.command("demo")
+def demo_cmd(
+    data: Annotated[Path | None, typer.Option("--data", "-d", help="Use the real tasks of this folder instead of "
+                                              "the generated suite.")] = None,
+    workdir: Annotated[Path, typer.Option("--workdir", help="Where everything goes.")] = Path("runs/demo"),
+    executor: ExecutorOpt = "local",
+    address: Address = None,
+    quiet: Quiet = False,
+) -> None:
+    """A small end-to-end study in a few minutes, no network or data folder needed."""
+    from ..grid.studies import run_demo
+
+    run = run_demo(workdir, data, _executor(executor, address, None, progress=not quiet),
+                   log=None if quiet else lambda m: err.print(m, highlight=False))
+    _print_study(run)
+
+
+@reproduce_app.command("mini")
+def reproduce_mini_cmd(
+    data: DataDir = None,
+    workdir: Annotated[Path, typer.Option("--workdir", help="Database and artifacts.")] = Path("runs/mini"),
+    output: Annotated[Path, typer.Option("--output", "-o", help="Report folder.")] = Path("results/mini"),
+    config: Annotated[Path | None, typer.Option("--config", help="Config (default: configs/mini.toml).")] = None,
+    executor: ExecutorOpt = "local",
+    address: Address = None,
+    quiet: Quiet = False,
+) -> None:
+    """The CPU-scale replication on the 7 local tasks at 3, 2 and 4 bits (about 90 minutes on 2 cores)."""
+    from ..grid.studies import reproduce_mini
+
+    run = reproduce_mini(data, workdir, output, config, _executor(executor, address, None, progress=not quiet),
+                         log=None if quiet else lambda m: err.print(m, highlight=False))
+    _print_study(run)

@@ -1,0 +1,356 @@
+"""Grid configuration: one TOML or YAML file (or CLI flags) describes a whole donor x receiver study.
+
+Every mistake a user can make in a config (a typo in a key, an unknown task, an empty lambda grid, bits out of
+range, a missing pretraining file) is reported as one line naming the file and the key, before any work starts.
+
+Example (``configs/mini.toml`` is the full CPU-scale replication)::
+
+    name = "demo"
+    model = "qvec:vit-nano"
+    tasks = ["mnist", "fashion_mnist", "gtsrb"]
+    bits = [3]
+
+    [pretrain]
+    data = "pretrain_cifar10.npz"      # relative to data_dir, or a path
+    epochs = 10
+
+    [recipe]                           # overrides of Recipe.for_task for every FT and QAT
+    epochs = 3
+
+    [recipe.tasks.mnist]               # per-task overrides
+    epochs = 2
+
+    [eval]
+    val_limit = 500                    # cap on the validation images used to choose lambda*
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from ..errors import QvecError
+from ..quant import GRANULARITIES, QuantSpec
+
+#: SPEC section 7: the lambda grid over which lambda* is chosen on the receiver's validation split.
+DEFAULT_LAMBDAS: tuple[float, ...] = (0.15, 0.30, 0.45, 0.60, 0.75, 0.90, 1.00, 1.05, 1.20, 1.35, 1.50)
+TEST_LAMBDAS = ("selected", "all")
+BACKBONE_CHOICES = ("pretrain", "hub")
+
+
+@dataclass
+class EvalConfig:
+    """How cells are measured. Limits cap the images per split (None: the whole split)."""
+
+    val_limit: int | None = None
+    test_limit: int | None = None
+    #: "selected": test only at lambda = 1 and lambda* (val picks lambda*); "all": test at every lambda too.
+    test_lambdas: str = "selected"
+    batch_size: int = 512
+
+
+@dataclass
+class PretrainConfig:
+    """Pretraining of theta_0 from scratch on a JPEG corpus (``backbone = "pretrain"``)."""
+
+    data: str
+    recipe: dict = field(default_factory=dict)
+
+
+@dataclass
+class GridConfig:
+    """A donor x receiver study: model, backbone, tasks, quantizer, lambda grid, recipe overrides, evaluation."""
+
+    name: str
+    model: str
+    tasks: list[str]
+    donors: list[str] = field(default_factory=list)
+    receivers: list[str] = field(default_factory=list)
+    bits: list[int] = field(default_factory=lambda: [3])
+    granularity: str = "channel"
+    symmetric: bool = True
+    group_size: int = 128
+    lambdas: list[float] = field(default_factory=lambda: list(DEFAULT_LAMBDAS))
+    select_lambda: bool = True
+    self_pairs: bool = True
+    seeds: list[int] = field(default_factory=list)
+    include_in_proj: bool = True
+    model_options: dict = field(default_factory=dict)
+    #: "pretrain" (train theta_0, see ``pretrain``), "hub" (the family's pretrained weights) or a weights file.
+    backbone: str = ""
+    pretrain: PretrainConfig | None = None
+    recipe: dict = field(default_factory=dict)
+    task_recipes: dict[str, dict] = field(default_factory=dict)
+    data_dir: str | None = None
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    source: str = "<flags>"
+
+    # ------------------------------------------------------------------------------------------ derived
+    @property
+    def all_tasks(self) -> list[str]:
+        """Tasks that need an FT and a QAT model: donors and receivers, in config order."""
+        seen: dict[str, None] = {}
+        for t in [*self.tasks, *self.donors, *self.receivers]:
+            seen[t] = None
+        return list(seen)
+
+    def quant(self, bits: int) -> QuantSpec:
+        return QuantSpec(bits=bits, symmetric=self.symmetric, granularity=self.granularity, group_size=self.group_size)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("source")
+        return d
+
+    def fingerprint(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    def model_spec(self):
+        from ..models import ModelSpec
+
+        return ModelSpec.parse(self.model, **self.model_options)
+
+    def resolve_path(self, p: str) -> Path:
+        """A path from the config: absolute, else relative to the config file's folder (or the cwd for flags)."""
+        path = Path(os.path.expanduser(p))
+        if path.is_absolute():
+            return path
+        base = Path(self.source).parent if self.source != "<flags>" else Path.cwd()
+        return (base / path).resolve()
+
+    def data_path(self) -> Path | None:
+        return self.resolve_path(self.data_dir) if self.data_dir else None
+
+    def pretrain_file(self) -> Path:
+        """The pretraining corpus: a path, or a file name inside the data folder."""
+        assert self.pretrain is not None
+        cand = self.resolve_path(self.pretrain.data)
+        if not cand.is_file() and not os.path.isabs(self.pretrain.data):
+            from ..tasks import resolve_data_dir
+
+            inside = Path(resolve_data_dir(self.data_path())) / self.pretrain.data
+            if inside.is_file():
+                return inside
+        if not cand.is_file():
+            raise QvecError(f"{self.source}: pretrain.data {self.pretrain.data!r}: no such file")
+        return cand
+
+    # --------------------------------------------------------------------------------------- validation
+    def validate(self, check_tasks: bool = True) -> GridConfig:
+        """Check everything that can be checked without training; raise one-line QvecErrors. Returns self."""
+        src = self.source
+        if not self.name or not all(c.isalnum() or c in "-_." for c in self.name):
+            raise QvecError(f"{src}: name must be non-empty letters, digits, '-', '_' or '.', got {self.name!r}")
+        try:
+            self.model_spec()
+        except QvecError as e:
+            raise QvecError(f"{src}: model {self.model!r}: {e}") from None
+        if not self.tasks:
+            raise QvecError(f"{src}: tasks is empty; list at least one task")
+        for key in ("tasks", "donors", "receivers"):
+            vals = getattr(self, key)
+            if len(set(vals)) != len(vals):
+                dup = next(v for v in vals if vals.count(v) > 1)
+                raise QvecError(f"{src}: {key} lists {dup!r} twice")
+        if not self.donors:
+            self.donors = list(self.tasks)
+        if not self.receivers:
+            self.receivers = list(self.tasks)
+        if not self.bits:
+            raise QvecError(f"{src}: bits is empty; give at least one bit-width (2..8)")
+        for b in self.bits:
+            if isinstance(b, bool) or not isinstance(b, int) or not 2 <= b <= 8:
+                raise QvecError(f"{src}: bits must be integers in 2..8, got {b!r}")
+        if len(set(self.bits)) != len(self.bits):
+            raise QvecError(f"{src}: bits lists a bit-width twice")
+        if self.granularity not in GRANULARITIES:
+            raise QvecError(f"{src}: granularity must be one of {', '.join(GRANULARITIES)}, got {self.granularity!r}")
+        self.quant(self.bits[0])
+        if not self.lambdas:
+            raise QvecError(f"{src}: the lambda grid is empty; give at least one value (SPEC: 0.15 .. 1.5)")
+        for lam in self.lambdas:
+            if isinstance(lam, bool) or not isinstance(lam, int | float) or not math.isfinite(lam) or lam <= 0:
+                raise QvecError(f"{src}: lambdas must be positive finite numbers, got {lam!r}")
+        self.lambdas = [float(v) for v in self.lambdas]
+        if len(set(self.lambdas)) != len(self.lambdas):
+            raise QvecError(f"{src}: lambdas lists a value twice")
+        for s in self.seeds:
+            if isinstance(s, bool) or not isinstance(s, int) or s < 0:
+                raise QvecError(f"{src}: seeds must be non-negative integers, got {s!r}")
+        ev = self.eval
+        for key in ("val_limit", "test_limit"):
+            v = getattr(ev, key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise QvecError(f"{src}: eval.{key} must be a positive integer, got {v!r}")
+        if ev.test_lambdas not in TEST_LAMBDAS:
+            choices = ", ".join(TEST_LAMBDAS)
+            raise QvecError(f"{src}: eval.test_lambdas must be one of {choices}, got {ev.test_lambdas!r}")
+        if isinstance(ev.batch_size, bool) or not isinstance(ev.batch_size, int) or ev.batch_size < 1:
+            raise QvecError(f"{src}: eval.batch_size must be a positive integer, got {ev.batch_size!r}")
+        self._validate_backbone()
+        self._validate_recipes()
+        if check_tasks:
+            self._validate_tasks()
+        return self
+
+    def _validate_backbone(self) -> None:
+        src = self.source
+        if not self.backbone:
+            if self.pretrain is not None:
+                self.backbone = "pretrain"
+            elif self.model_spec().family == "qvec":
+                raise QvecError(
+                    f"{src}: the built-in model {self.model!r} has no pretrained weights; add a [pretrain] section "
+                    "or set backbone to a weights file"
+                )
+            else:
+                self.backbone = "hub"
+        if self.backbone == "pretrain":
+            if self.pretrain is None:
+                raise QvecError(f"{src}: backbone = 'pretrain' needs a [pretrain] section with data = FILE")
+            self.pretrain_file()
+        elif self.backbone == "hub":
+            if self.model_spec().family == "qvec":
+                raise QvecError(f"{src}: the built-in model {self.model!r} has no hub weights; use [pretrain]")
+        elif not self.resolve_path(self.backbone).is_file():
+            raise QvecError(f"{src}: backbone {self.backbone!r} is not 'pretrain', 'hub' or an existing file")
+
+    def _validate_recipes(self) -> None:
+        from ..recipe import Recipe
+
+        known = {f.name for f in fields(Recipe)}
+        sections = [("recipe", self.recipe)]
+        sections += [(f"recipe.tasks.{t}", r) for t, r in self.task_recipes.items()]
+        if self.pretrain is not None:
+            sections.append(("pretrain", self.pretrain.recipe))
+        for where, overrides in sections:
+            for k in overrides:
+                if k not in known:
+                    names = ", ".join(sorted(known))
+                    raise QvecError(f"{self.source}: {where}.{k} is not a recipe field; known: {names}")
+        for t in self.task_recipes:
+            if t not in self.all_tasks:
+                raise QvecError(f"{self.source}: recipe.tasks.{t}: {t!r} is not one of the grid's tasks")
+
+    def _validate_tasks(self) -> None:
+        from ..tasks import list_tasks
+
+        known = list_tasks(self.data_path())
+        for t in self.all_tasks:
+            if t not in known:
+                hint = f"known: {', '.join(known)}" if known else "no tasks found in the data folder"
+                raise QvecError(f"{self.source}: unknown task {t!r} ({hint})")
+
+
+# ------------------------------------------------------------------------------------------------ loading
+_TOP_KEYS = {f.name for f in fields(GridConfig)} - {"source", "task_recipes"}
+_EVAL_KEYS = {f.name for f in fields(EvalConfig)}
+
+
+def _read_file(path: Path) -> dict:
+    if not path.is_file():
+        raise QvecError(f"{path}: no such config file")
+    text = path.read_text()
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        elif path.suffix == ".toml":
+            data = tomllib.loads(text)
+        else:
+            raise QvecError(f"{path}: config files are .toml, .yaml or .yml")
+    except (tomllib.TOMLDecodeError, ValueError) as e:
+        raise QvecError(f"{path}: not valid {path.suffix[1:].upper()} ({str(e).splitlines()[0]})") from None
+    except Exception as e:  # yaml.YAMLError and friends
+        if type(e).__module__.startswith("yaml"):
+            raise QvecError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        raise
+    if not isinstance(data, dict):
+        raise QvecError(f"{path}: the top level must be a table of keys")
+    return data
+
+
+def _expect(src: str, key: str, value: Any, kind: type, what: str) -> Any:
+    # bool is an int subclass: `bits = [true]` must not pass as a bit-width.
+    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+        raise QvecError(f"{src}: {key} must be {what}, got {value!r}")
+    return value
+
+
+def config_from_dict(raw: Mapping[str, Any], source: str = "<flags>") -> GridConfig:
+    """Build (not yet validate) a GridConfig from parsed TOML/YAML; unknown keys are an error."""
+    raw = dict(raw)
+    for k in raw:
+        if k not in _TOP_KEYS:
+            raise QvecError(f"{source}: unknown key {k!r}; known: {', '.join(sorted(_TOP_KEYS))}")
+    for req in ("model", "tasks"):
+        if req not in raw:
+            raise QvecError(f"{source}: missing required key {req!r}")
+    kw: dict[str, Any] = {}
+    for key in ("tasks", "donors", "receivers", "bits", "lambdas", "seeds"):
+        if key in raw:
+            kw[key] = list(_expect(source, key, raw[key], list, "a list"))
+    for key in ("tasks", "donors", "receivers"):
+        for t in kw.get(key, []):
+            _expect(source, key, t, str, "a list of task names")
+    for key in ("name", "model", "granularity", "backbone", "data_dir"):
+        if key in raw:
+            kw[key] = str(_expect(source, key, raw[key], str, "a string"))
+    for key in ("symmetric", "select_lambda", "self_pairs", "include_in_proj"):
+        if key in raw:
+            kw[key] = _expect(source, key, raw[key], bool, "true or false")
+    if "group_size" in raw:
+        kw["group_size"] = _expect(source, "group_size", raw["group_size"], int, "an integer")
+    if "model_options" in raw:
+        kw["model_options"] = dict(_expect(source, "model_options", raw["model_options"], dict, "a table"))
+    if "recipe" in raw:
+        rec = dict(_expect(source, "recipe", raw["recipe"], dict, "a table"))
+        per_task = rec.pop("tasks", {})
+        kw["recipe"] = rec
+        kw["task_recipes"] = {t: dict(_expect(source, f"recipe.tasks.{t}", r, dict, "a table"))
+                              for t, r in _expect(source, "recipe.tasks", per_task, dict, "a table").items()}
+    if "pretrain" in raw:
+        pre = dict(_expect(source, "pretrain", raw["pretrain"], dict, "a table"))
+        if "data" not in pre:
+            raise QvecError(f"{source}: [pretrain] needs data = FILE (the JPEG corpus, e.g. pretrain_cifar10.npz)")
+        data = str(_expect(source, "pretrain.data", pre.pop("data"), str, "a file name"))
+        kw["pretrain"] = PretrainConfig(data, pre)
+    if "eval" in raw:
+        ev = dict(_expect(source, "eval", raw["eval"], dict, "a table"))
+        for k in ev:
+            if k not in _EVAL_KEYS:
+                raise QvecError(f"{source}: unknown key eval.{k}; known: {', '.join(sorted(_EVAL_KEYS))}")
+        kw["eval"] = EvalConfig(**ev)
+    if "name" not in kw:
+        kw["name"] = Path(source).stem if source != "<flags>" else "grid"
+    return GridConfig(source=source, **kw)
+
+
+def load_config(
+    path: str | os.PathLike | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    check_tasks: bool = True,
+) -> GridConfig:
+    """Read a TOML/YAML grid config, apply ``overrides`` (CLI flags; None values ignored), validate it."""
+    raw: dict[str, Any] = {}
+    source = "<flags>"
+    if path is not None:
+        p = Path(path).resolve()
+        raw = _read_file(p)
+        source = str(p)
+    for k, v in (overrides or {}).items():
+        if v is None:
+            continue
+        if k in _EVAL_KEYS:
+            raw.setdefault("eval", {})[k] = v
+        else:
+            raw[k] = v
+    return config_from_dict(raw, source).validate(check_tasks=check_tasks)

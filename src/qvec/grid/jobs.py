@@ -1,0 +1,289 @@
+"""What each job does, in whichever process runs it (the driver locally, a Ray worker remotely).
+
+Training and vector jobs call the library (:func:`qvec.train.pretrain`, :func:`qvec.train.finetune`,
+:meth:`qvec.vector.QuantVector.from_checkpoints`) and write one content-addressed artifact; they return no rows.
+Evaluation jobs return result rows and write nothing: the driver alone writes the database.
+
+Evaluation is the hot path (thousands of cells), so a process keeps an :class:`EvalBench`: one model per
+architecture, reused for every cell; the receiver's FT checkpoint, theta_0 and the donor vectors loaded once;
+each cell only writes ``torch.add(ft, tau, alpha=lam)`` into the model's backbone parameters, quantizes them in
+place with :func:`qvec.quant.quantize_` and evaluates on the split tensors that :mod:`qvec.tasks` caches.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import Checkpoint
+from ..errors import QvecError
+from ..evaluate import evaluate
+from ..models import ModelSpec, build_model, get_adapter
+from ..models.loading import load_state_strict
+from ..quant import quantize_
+from ..vector import QuantVector
+from .plan import Job, baseline_items, cell_key, lambdas_on_test, quant_of, select_lambda
+from .store import Result
+
+
+@dataclass
+class JobOutput:
+    """What a job hands back to the driver."""
+
+    job_id: str
+    results: list[Result] = field(default_factory=list)
+    seconds: float = 0.0
+    worker: str = ""
+    reused: bool = False
+    eval_seconds: float = 0.0
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class _LRU(OrderedDict):
+    """A tiny least-recently-used cache (checkpoints and vectors of a few MB to a few hundred MB each)."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+
+    def get_or(self, key, make: Callable):
+        if key in self:
+            self.move_to_end(key)
+            return self[key]
+        value = make()
+        self[key] = value
+        while len(self) > self.size:
+            self.popitem(last=False)
+        return value
+
+
+@dataclass
+class _Slot:
+    """A live model of one architecture, with direct handles on its backbone tensors."""
+
+    model: torch.nn.Module
+    spec: ModelSpec
+    targets: list
+    backbone: dict[str, torch.Tensor]
+    config: object
+    head_of: str | None = None
+
+
+class EvalBench:
+    """Per-process evaluation state: reused models and loaded checkpoints/vectors (see the module docstring)."""
+
+    def __init__(self, state_cache: int = 6, vector_cache: int = 32) -> None:
+        self._slots: dict[tuple, _Slot] = {}
+        self._ckpts = _LRU(state_cache)
+        self._vectors = _LRU(vector_cache)
+        self._hub: dict[str, dict[str, torch.Tensor]] = {}
+
+    def checkpoint(self, path: str) -> Checkpoint:
+        return self._ckpts.get_or(path, lambda: Checkpoint.load(path))
+
+    def vector(self, path: str) -> QuantVector:
+        return self._vectors.get_or(path, lambda: QuantVector.load(path))
+
+    def theta0(self, path: str | None, spec: ModelSpec) -> dict[str, torch.Tensor]:
+        """theta_0's state: its checkpoint, or the family's hub weights when it has no file."""
+        if path is not None:
+            return self.checkpoint(path).state
+        name = spec.to_json()
+        if name not in self._hub:
+            self._hub[name] = build_model(spec, pretrained=True).state_dict()
+        return self._hub[name]
+
+    def slot(self, receiver_ft: str, include_in_proj: bool) -> _Slot:
+        """The model for a receiver, with the receiver's FT weights (and head) loaded."""
+        ck = self.checkpoint(receiver_ft)
+        spec = ck.model_spec
+        sk = (spec.to_json(), include_in_proj)
+        s = self._slots.get(sk)
+        if s is None:
+            adapter = get_adapter(spec)
+            model = adapter.build(spec, pretrained=False).eval()
+            for p in model.parameters():
+                p.requires_grad_(False)
+            live = model.state_dict(keep_vars=True)
+            keys = adapter.backbone_keys({k: v.detach() for k, v in live.items()})
+            targets = adapter.targets(model, include_in_proj)
+            outside = [t.key for t in targets if t.key not in keys]
+            if outside:
+                raise QvecError(f"quantization target {outside[0]!r} is not a backbone tensor of {spec}")
+            s = _Slot(model, spec, targets, {k: live[k].detach() for k in keys},
+                      adapter.data_config(spec, model))
+            self._slots[sk] = s
+        if s.head_of != receiver_ft:
+            load_state_strict(s.model, ck.state, receiver_ft)
+            s.head_of = receiver_ft
+        return s
+
+    @torch.no_grad()
+    def set_backbone(self, s: _Slot, state: dict[str, torch.Tensor], vec: QuantVector | None = None,
+                     lam: float = 0.0) -> None:
+        """Backbone <- ``state`` (+ ``lam`` * ``vec``); the head is left as the receiver's."""
+        for k, dst in s.backbone.items():
+            if k not in state:
+                raise QvecError(f"backbone tensor {k!r} is missing from the source checkpoint")
+            if vec is not None and lam and k in vec.tensors:
+                torch.add(state[k], vec.tensors[k], alpha=lam, out=dst)
+            else:
+                dst.copy_(state[k])
+
+
+_BENCH: EvalBench | None = None
+
+
+def bench() -> EvalBench:
+    """This process's evaluation bench (created on first use; lives as long as the worker process)."""
+    global _BENCH
+    if _BENCH is None:
+        _BENCH = EvalBench()
+    return _BENCH
+
+
+def _measure(s: _Slot, task, split: str, limit: int | None, batch_size: int, quant, set_weights: Callable[[], None]):
+    """Set the weights, PTQ them if ``quant``, evaluate; returns (EvalResult, patch_s, ptq_s)."""
+    t0 = time.perf_counter()
+    set_weights()
+    t1 = time.perf_counter()
+    if quant is not None:
+        quantize_(s.model, quant, s.targets)
+    t2 = time.perf_counter()
+    r = evaluate(s.model, task, split, batch_size=batch_size, limit=limit, config=s.config)
+    return r, t1 - t0, t2 - t1
+
+
+def _row(p: dict, key: str, kind: str, split: str, r, patch_s: float, ptq_s: float, *, donor: str = "",
+         lam: float | None = None, quant: dict | None = None) -> Result:
+    q = quant_of({"quant": quant}) if quant else None
+    inputs = {k: v for k, v in p.items() if k not in ("label", "known")}
+    return Result(
+        key=key, kind=kind, model=str(ModelSpec.from_json(p["model"])), backbone=p["theta0_key"],
+        receiver=p["receiver"], split=split, value=r.accuracy, correct=r.correct, n=r.n, donor=donor,
+        bits=q.bits if q else None, quant=str(q) if q else "", lam=lam, seed=int(p["seed"]),
+        eval_seconds=r.seconds, patch_seconds=patch_s, ptq_seconds=ptq_s, worker=worker_name(),
+        inputs=json.dumps({**inputs, "lam": lam}, sort_keys=True, default=str),
+    )
+
+
+def run_baseline(p: dict) -> list[Result]:
+    """FT / pretrained in float, or FT+PTQ / QAT+PTQ / pretrained+PTQ at one bit-width, on the test split."""
+    from ..tasks import get_task
+
+    b = bench()
+    known = p.get("known", {})
+    task = get_task(p["receiver"], p["data_dir"])
+    s = b.slot(p["receiver_ft"], p["include_in_proj"])
+    spec = s.spec
+    sources = {
+        "ft": lambda: b.checkpoint(p["receiver_ft"]).state,
+        "ft_ptq": lambda: b.checkpoint(p["receiver_ft"]).state,
+        "qat_ptq": lambda: b.checkpoint(p["qat"]).state,
+        "pretrained": lambda: b.theta0(p["theta0"], spec),
+        "pretrained_ptq": lambda: b.theta0(p["theta0"], spec),
+    }
+    rows = []
+    for it in baseline_items(p):
+        if it["key"] in known:
+            continue
+        state = sources[it["kind"]]()
+        r, patch_s, ptq_s = _measure(s, task, "test", p["test_limit"], p["batch_size"], quant_of(it),
+                                     lambda state=state: b.set_backbone(s, state))
+        rows.append(_row(p, it["key"], it["kind"], "test", r, patch_s, ptq_s, quant=it["quant"]))
+    return rows
+
+
+def run_cells(p: dict) -> list[Result]:
+    """One (donor, receiver, bits) pair: validation at every lambda, lambda*, test at 1 and lambda*.
+
+    ``p["known"]`` holds values already in the database (a resumed or widened run): those cells are not measured
+    again, and known validation values still count for choosing lambda*.
+    """
+    from ..tasks import get_task
+
+    b = bench()
+    known: dict[str, float] = p.get("known", {})
+    task = get_task(p["receiver"], p["data_dir"])
+    s = b.slot(p["receiver_ft"], p["include_in_proj"])
+    ft_state = b.checkpoint(p["receiver_ft"]).state
+    vec = b.vector(p["vector"])
+    quant = quant_of(p)
+    rows: list[Result] = []
+
+    def measure(lam: float, split: str) -> float:
+        key = cell_key(p, lam, split)
+        if key in known:
+            return known[key]
+        limit = p["val_limit"] if split == "val" else p["test_limit"]
+        r, patch_s, ptq_s = _measure(s, task, split, limit, p["batch_size"], quant,
+                                     lambda: b.set_backbone(s, ft_state, vec, lam))
+        rows.append(_row(p, key, "patched", split, r, patch_s, ptq_s, donor=p["donor"], lam=lam, quant=p["quant"]))
+        return r.accuracy
+
+    lam_star = None
+    if p["select_lambda"]:
+        lam_star = select_lambda({lam: measure(lam, "val") for lam in p["lambdas"]})
+    for lam in lambdas_on_test(p, lam_star):
+        measure(lam, "test")
+    return rows
+
+
+def run_training(job: Job, progress: bool) -> bool:
+    """Pretrain or fine-tune into the job's artifact; False when the artifact already exists (nothing done)."""
+    from ..recipe import Recipe
+    from ..tasks import get_task
+    from ..train import finetune, pretrain
+
+    p = job.params
+    out = Path(p["out"])
+    if out.is_file():
+        return False
+    spec = ModelSpec.from_json(p["model"])
+    recipe = Recipe.from_json(p["recipe"])
+    if job.kind == "pretrain":
+        pretrain(spec, p["data_file"], recipe, out, progress=progress)
+    else:
+        task = get_task(p["task"], p["data_dir"])
+        finetune(spec, task, recipe, out, init=p["init"], qat=quant_of({"quant": p["qat"]}),
+                 include_in_proj=p["include_in_proj"], progress=progress)
+    return True
+
+
+def run_vector(job: Job) -> bool:
+    out = Path(job.params["out"])
+    if out.is_file():
+        return False
+    vec = QuantVector.from_checkpoints(Checkpoint.load(job.params["ft"]), Checkpoint.load(job.params["qat"]))
+    vec.save(out)
+    return True
+
+
+def execute_job(job: Job, progress: bool = False) -> JobOutput:
+    """Run one job in this process and return its output (rows for evaluation jobs)."""
+    t0 = time.perf_counter()
+    out = JobOutput(job.id, worker=worker_name())
+    if job.kind in ("pretrain", "finetune"):
+        out.reused = not run_training(job, progress)
+    elif job.kind == "vector":
+        out.reused = not run_vector(job)
+    elif job.kind == "baseline":
+        out.results = run_baseline(job.params)
+    elif job.kind == "cells":
+        out.results = run_cells(job.params)
+    else:
+        raise QvecError(f"unknown job kind {job.kind!r}")
+    out.seconds = time.perf_counter() - t0
+    out.eval_seconds = sum(r.eval_seconds for r in out.results)
+    return out

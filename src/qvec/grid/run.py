@@ -1,0 +1,152 @@
+"""The grid driver: plan, skip what is done, run the rest on an executor, record every output.
+
+Crash safety comes from three rules. (1) A training or vector job is done when its content-addressed artifact
+exists; artifacts are renamed into place atomically, and an interrupted training resumes from its per-epoch state
+file. (2) An evaluation job is done when all of its result rows are in the database; a job's rows are written in
+the same SQLite transaction as its entry in the execution log, so after a ``kill -9`` either both are there or
+neither is. (3) Rows are keyed by content and inserted idempotently. So a restarted run loses no finished result,
+repeats no finished job, and ends with the same rows as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from .config import GridConfig
+from .executors import Executor, LocalExecutor
+from .jobs import JobOutput
+from .plan import Job, Plan, build_plan, candidate_keys, job_result_keys, missing_keys
+from .store import JobRecord, ResultStore, Training
+
+ARTIFACT_KINDS = ("pretrain", "finetune", "vector")
+
+
+@dataclass
+class RunSummary:
+    """What a run did: planned jobs, those already done, those executed now, new rows and time."""
+
+    study: str
+    db: str
+    artifacts: str
+    planned: dict[str, int]
+    skipped: int = 0
+    executed: int = 0
+    new_rows: int = 0
+    seconds: float = 0.0
+    eval_seconds: float = 0.0
+    job_seconds: dict[str, float] = field(default_factory=dict)
+
+
+def _lookup(store: ResultStore) -> Callable:
+    return lambda keys: {k: r.value for k, r in store.existing(keys).items()}
+
+
+def job_status(plan: Plan, store: ResultStore) -> dict[str, str]:
+    """``done`` or ``pending`` for every job of the plan (what ``qvec grid plan --db`` shows)."""
+    lookup = _lookup(store)
+    status = {}
+    for job in plan.jobs:
+        if job.kind in ARTIFACT_KINDS:
+            done = Path(job.params["out"]).is_file()
+        else:
+            done = missing_keys(job, lookup) == []
+        status[job.id] = "done" if done else "pending"
+    return status
+
+
+def run_grid(
+    config: GridConfig,
+    *,
+    db: str | Path,
+    artifacts: str | Path,
+    executor: Executor | None = None,
+    log: Callable[[str], None] | None = None,
+) -> RunSummary:
+    """Run (or resume) the study ``config``: every job not yet done, on ``executor`` (default: local)."""
+    executor = executor or LocalExecutor()
+    plan = build_plan(config, artifacts)
+    store = ResultStore(db)
+    say = log or (lambda _msg: None)
+    summary = RunSummary(config.name, str(store.path), str(plan.artifacts.root), plan.counts())
+    t0 = time.perf_counter()
+    try:
+        store.register_study(config.name, config.to_dict())
+        lookup = _lookup(store)
+        status = job_status(plan, store)
+        pending: list[Job] = [j for j in plan.jobs if status[j.id] == "pending"]
+        for job in plan.jobs:  # rows measured earlier (or by another study) become part of this study
+            if status[job.id] == "done" and job.kind not in ARTIFACT_KINDS:
+                store.link_results(config.name, job_result_keys(job, lookup))
+        summary.skipped = len(plan.jobs) - len(pending)
+        say(f"study {config.name}: {len(plan.jobs)} jobs planned, {summary.skipped} already done, "
+            f"{len(pending)} to run on {executor.name}")
+
+        def dispatch(job: Job) -> Job:
+            if job.kind in ARTIFACT_KINDS:
+                return job
+            return replace(job, params={**job.params, "known": lookup(candidate_keys(job))})
+
+        def on_done(job: Job, out: JobOutput) -> None:
+            p = job.params
+            rec = JobRecord(key=job.key, kind=job.kind, label=p.get("label", job.id), study=config.name,
+                            task=p.get("receiver") or p.get("task", ""), bits=p.get("bits"), seconds=out.seconds,
+                            results=len(out.results), worker=out.worker)
+            if out.reused:  # another process finished the artifact first: nothing was executed here
+                summary.skipped += 1
+                return
+            summary.new_rows += store.add_job(rec, out.results, config.name)
+            if job.kind not in ARTIFACT_KINDS:
+                store.link_results(config.name, job_result_keys(job, lookup))
+            summary.executed += 1
+            summary.eval_seconds += out.eval_seconds
+            summary.job_seconds[job.kind] = summary.job_seconds.get(job.kind, 0.0) + out.seconds
+            n = summary.executed + (summary.skipped - (len(plan.jobs) - len(pending)))
+            say(f"[{n}/{len(pending)}] {rec.label}: {out.seconds:.1f}s" + (f", {len(out.results)} rows"
+                                                                              if out.results else ""))
+
+        executor.run(pending, dispatch, on_done)
+    finally:
+        _record_trainings(plan, store)
+        summary.seconds = time.perf_counter() - t0
+        store.close()
+    return summary
+
+
+def _train_seconds(path: Path) -> float | None:
+    """The training time a checkpoint's header records (``qvec.train_seconds``), without loading its tensors."""
+    from safetensors import safe_open
+
+    from ..train import META_TRAIN_SECONDS
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get(META_TRAIN_SECONDS)
+        return float(raw) if raw is not None else None
+    except (OSError, ValueError, RuntimeError):
+        return None
+
+
+def _record_trainings(plan: Plan, store: ResultStore) -> None:
+    """Note every finished training artifact of the plan with its training time (for the report's cost table)."""
+    rows = []
+    for job in plan.jobs:
+        if job.kind not in ("pretrain", "finetune"):
+            continue
+        out = Path(job.params["out"])
+        secs = _train_seconds(out) if out.is_file() else None
+        if secs is not None:
+            rows.append(Training(plan.config.name, job.key, "qat" if job.params.get("qat") else job.kind,
+                                 job.params.get("task", ""), job.params.get("bits"), int(job.params.get("seed") or 0),
+                                 secs))
+    if rows:
+        store.add_trainings(rows)
+
+
+def default_paths(config: GridConfig, workdir: str | Path | None = None) -> tuple[Path, Path]:
+    """Default database and artifact folder: ``<workdir>/<study>.db`` and ``<workdir>/artifacts`` (workdir
+    defaults to ``runs/`` in the current folder)."""
+    root = Path(workdir) if workdir is not None else Path("runs")
+    return root / f"{config.name}.db", root / "artifacts"
