@@ -105,7 +105,7 @@ class RayExecutor(Executor):
                 ray.shutdown()
 
     def _run(self, ray, jobs: Sequence[Job], dispatch: Dispatch, on_done: OnDone) -> None:
-        remote = ray.remote(num_cpus=self.cpus_per_job, max_retries=self.max_retries)(self.runner)
+        remote = ray.remote(num_cpus=self.cpus_per_job, max_retries=self.max_retries)(_call_runner)
         ids = {j.id for j in jobs}
         pending = list(jobs)
         done: set[str] = set()
@@ -114,7 +114,7 @@ class RayExecutor(Executor):
         while pending or in_flight:
             ready = [j for j in pending if all(d not in ids or d in done for d in j.deps)]
             for job in ready:
-                in_flight[remote.remote(dispatch(job))] = job
+                in_flight[remote.remote(self.runner, dispatch(job))] = job
             pending = [j for j in pending if j not in ready]
             if not in_flight:
                 break  # everything left depends on a failed job
@@ -135,6 +135,11 @@ class RayExecutor(Executor):
             skipped = f", {len(pending)} dependent jobs not run" if pending else ""
             raise QvecError(f"{len(failures)} job(s) failed on Ray (first: {job.id}: {first}){skipped}; "
                             "finished results are saved, rerun to continue")
+
+
+def _call_runner(runner: Runner, job: Job) -> JobOutput:
+    """The Ray task: run one job with ``runner`` in the worker process (a function, as Ray requires)."""
+    return runner(job)
 
 
 def make_executor(name: str, *, address: str | None = None, num_cpus: int | None = None,
