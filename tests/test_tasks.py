@@ -19,6 +19,7 @@ from qvec.tasks import (
     load_jpeg_corpus,
     load_npz_task,
     paper_task,
+    task_summaries,
     validation_indices,
 )
 
@@ -105,6 +106,14 @@ def test_get_task_names_and_cache(tmp_path):
     assert t1.epochs == 5
     assert list_tasks(tmp_path)[0] == "fashion_mnist" and "FashionMNIST" not in list_tasks(tmp_path)
     assert "GTSRB" in list_tasks(tmp_path)
+
+
+def test_task_summaries_read_counts_without_decoding(tmp_path):
+    write_task(tmp_path, "mnist", n_train=50, n_test=20, channels=1)
+    rows = {r.name: r for r in task_summaries(tmp_path)}
+    assert (rows["mnist"].num_classes, rows["mnist"].n_train, rows["mnist"].n_test, rows["mnist"].epochs) == (
+        4, 50, 20, 5)
+    assert "MNIST" not in rows and rows["SUN397"].num_classes == 397 and rows["SUN397"].source.startswith("hf:")
 
 
 def test_data_dir_from_environment(tmp_path, monkeypatch):

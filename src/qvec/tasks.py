@@ -467,6 +467,39 @@ def list_tasks(data_dir: str | Path | None = None) -> list[str]:
     return list(local) + [n for n in PAPER_TASKS if n not in covered]
 
 
+@dataclass(frozen=True)
+class TaskInfo:
+    """What ``qvec tasks`` lists, read without decoding any image."""
+
+    name: str
+    num_classes: int
+    epochs: int | None
+    source: str
+    n_train: int | None = None
+    n_test: int | None = None
+
+
+def task_summaries(data_dir: str | Path | None = None) -> list[TaskInfo]:
+    """One row per task of :func:`list_tasks`: local files (class and example counts read from the npz), then
+    the paper's Hugging Face tasks (counts from SPEC, nothing downloaded)."""
+    local = local_task_files(data_dir)
+    rows = []
+    for name in list_tasks(data_dir):
+        pt = paper_task(name)
+        if name in local:
+            try:
+                with np.load(local[name], allow_pickle=False) as z:
+                    k, ntr, nte = len(z["classes"]), len(z["y_train"]), len(z["y_test"])
+            except (OSError, ValueError, KeyError) as e:
+                raise QvecError(f"{local[name]}: not a valid task file ({e})") from None
+            rows.append(TaskInfo(name, k, pt.epochs if pt else None, str(local[name]), ntr, nte))
+        else:
+            pt = PAPER_TASKS[name]
+            src = f"hf:{pt.hf_id}" + (f" ({pt.hf_config})" if pt.hf_config else "")
+            rows.append(TaskInfo(name, pt.num_classes, pt.epochs, src))
+    return rows
+
+
 def get_task(name: str, data_dir: str | Path | None = None, *, hf_root: str | Path | None = None) -> Task:
     """A task by name, loaded once per process.
 

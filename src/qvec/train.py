@@ -202,12 +202,13 @@ def _train(job: _Job, resume: bool = True, on_epoch: Callable[[int], None] | Non
         raise QvecError(f"task {task.name!r} has no training examples")
     config = job.adapter.data_config(job.spec, model)
     steps_per_epoch = math.ceil(n / recipe.batch_size)
-    total = steps_per_epoch * recipe.epochs
+    epochs = recipe.epochs_for(n)
+    total = steps_per_epoch * epochs
     params = trainable_parameters(model)
     opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
     spath = state_path(job.out)
     log = {"task": task.name, "kind": job.kind, "recipe": json.loads(recipe.to_json()), "train_examples": n,
-           "quant": job.qat.to_dict() if job.qat else None, "epochs": []}
+           "epochs_run": epochs, "quant": job.qat.to_dict() if job.qat else None, "epochs": []}
     start_epoch, train_seconds = 0, 0.0
     if resume and spath.is_file():
         try:
@@ -224,7 +225,7 @@ def _train(job: _Job, resume: bool = True, on_epoch: Callable[[int], None] | Non
                              f"{job.kind} {job.spec.name} {task.name}")
     step = start_epoch * steps_per_epoch
     try:
-        for epoch in range(start_epoch, recipe.epochs):
+        for epoch in range(start_epoch, epochs):
             model.train()
             torch.manual_seed(recipe.seed + epoch)  # any stochastic layers (dropout, drop-path)
             gen = epoch_generator(recipe.seed, epoch)
@@ -268,7 +269,7 @@ def _train(job: _Job, resume: bool = True, on_epoch: Callable[[int], None] | Non
             log["epochs"].append(entry)
             log["train_seconds"] = round(train_seconds, 3)
             _write_json(job.log_path, log)
-            if epoch + 1 < recipe.epochs:
+            if epoch + 1 < epochs:
                 with atomic_path(spath) as tmp:
                     torch.save({"version": STATE_VERSION, "run_key": job.run_key, "epoch": epoch + 1,
                                 "model": model.state_dict(), "optim": opt.state_dict(),

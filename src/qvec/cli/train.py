@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -16,7 +17,7 @@ from ..evaluate import evaluate_checkpoint
 from ..models import ModelSpec, builtin_names, with_model
 from ..quant import QuantSpec
 from ..recipe import Recipe
-from ..tasks import PAPER_TASKS, get_task, list_tasks, local_task_files, paper_task, resolve_data_dir
+from ..tasks import get_task, resolve_data_dir, task_summaries
 from ..train import finetune as _finetune
 from ..train import pretrain as _pretrain
 from . import app
@@ -76,17 +77,10 @@ def _model_spec(name: str) -> ModelSpec:
 @app.command("tasks")
 def tasks_cmd(data: DataDir = None) -> None:
     """List the tasks: local .npz files of the data folder, then the paper's Hugging Face tasks."""
-    local = local_task_files(data)
-    table = Table("task", "classes", "paper epochs", "source")
-    for name in list_tasks(data):
-        if name in local:
-            task = get_task(name, data)
-            pt = paper_task(name)
-            table.add_row(name, str(task.num_classes), str(pt.epochs) if pt else "-", str(local[name]))
-        else:
-            pt = PAPER_TASKS[name]
-            src = f"hf:{pt.hf_id}" + (f" ({pt.hf_config})" if pt.hf_config else "")
-            table.add_row(name, str(pt.num_classes), str(pt.epochs), src)
+    table = Table("task", "classes", "train", "test", "paper epochs", "source")
+    for r in task_summaries(data):
+        table.add_row(r.name, str(r.num_classes), str(r.n_train or "-"), str(r.n_test or "-"),
+                      str(r.epochs or "-"), r.source)
     out.print(table)
     if resolve_data_dir(data) is None:
         out.print("no data folder configured (--data or $QVEC_DATA): only Hugging Face tasks are available")
@@ -146,6 +140,8 @@ def finetune(
     q = QuantSpec(bits=bits, granularity=granularity, group_size=group_size)  # type: ignore[arg-type]
     r = _recipe(Recipe.for_task(t.name, spec), recipe, epochs=epochs, lr=lr, batch_size=batch_size,
                 warmup_steps=warmup, seed=seed, train_limit=train_limit)
+    if epochs is not None:  # an explicit --epochs is exact
+        r = replace(r, min_examples=None)
     ck = _finetune(spec, t, r, output, init=init, qat=q if qat else None, include_in_proj=in_proj,
                    eval_quant=q if (qat or ptq_log) else None, progress=not quiet)
     _report_training(ck, output)
