@@ -10,6 +10,7 @@ import torch
 from qvec.checkpoint import Checkpoint
 from qvec.evaluate import evaluate
 from qvec.grid import build_plan, job_status, load_config, run_grid
+from qvec.grid.executors import make_executor
 from qvec.grid.report import write_report
 from qvec.grid.store import ResultStore
 from qvec.models import get_adapter, load_model
@@ -91,7 +92,7 @@ def test_widened_grid_reuses_artifacts_and_cells(study, tmp_path):
     db = tmp_path / "wide.db"
     shutil.copy(root / "tiny.db", db)
     cfg = load_config(write_tiny_config(root, name="wide", lambdas="[0.5, 1.0, 1.5]"))
-    summary = run_grid(cfg, db=db, artifacts=root / "artifacts")
+    summary = run_grid(cfg, db=db, artifacts=root / "artifacts", executor=make_executor("local", workers=1))
     with ResultStore(db) as store:
         executed = [j.kind for j in store.jobs("wide")]
         wide = store.results("wide")

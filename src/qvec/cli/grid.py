@@ -29,7 +29,9 @@ Artifacts = Annotated[Path | None, typer.Option("--artifacts", help="Artifact fo
 Workdir = Annotated[Path, typer.Option("--workdir", help="Where the database and artifacts go by default.")]
 ExecutorOpt = Annotated[str, typer.Option("--executor", "-e", help="local (default) or ray.")]
 Address = Annotated[str | None, typer.Option("--address", help="Ray cluster address (default: start a local one).")]
-NumCpus = Annotated[int | None, typer.Option("--num-cpus", help="CPUs of a Ray cluster started here.")]
+Workers = Annotated[int | None, typer.Option(
+    "--workers", "-w", help="Worker processes (default: one per CPU, at most 4; 1 = sequential in this process); "
+    "with --executor ray and no --address, the CPUs of the Ray cluster started here.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No per-job lines.")]
 
 
@@ -51,10 +53,10 @@ def _load(config: Path | None, data: Path | None, name: str | None, model: str |
     return load_config(config, overrides, check_tasks=check_tasks)
 
 
-def _executor(name: str, address: str | None, num_cpus: int | None, progress: bool):
+def _executor(name: str, address: str | None, workers: int | None, progress: bool):
     from ..grid.executors import make_executor
 
-    return make_executor(name, address=address, num_cpus=num_cpus, progress=progress)
+    return make_executor(name, address=address, workers=workers, progress=progress)
 
 
 NameOpt = Annotated[str | None, typer.Option("--name", help="Study name (default: the config file's stem).")]
@@ -70,7 +72,7 @@ def grid_run(
     config: Config = None,
     executor: ExecutorOpt = "local",
     address: Address = None,
-    num_cpus: NumCpus = None,
+    workers: Workers = None,
     db: Db = None,
     artifacts: Artifacts = None,
     data: DataDir = None,
@@ -89,7 +91,7 @@ def grid_run(
     cfg = _load(config, data, name, model, tasks, bits, lambdas, backbone)
     d_db, d_art = default_paths(cfg, workdir)
     summary = run_grid(cfg, db=db or d_db, artifacts=artifacts or d_art,
-                       executor=_executor(executor, address, num_cpus, progress=not quiet),
+                       executor=_executor(executor, address, workers, progress=not quiet),
                        log=None if quiet else lambda m: err.print(m, highlight=False))
     out.print(f"study {summary.study}: {summary.executed} jobs run, {summary.skipped} already done, "
               f"{summary.new_rows} new results in {summary.seconds:.0f}s -> {summary.db}")
@@ -183,12 +185,13 @@ def demo_cmd(
     workdir: Annotated[Path, typer.Option("--workdir", help="Where everything goes.")] = Path("runs/demo"),
     executor: ExecutorOpt = "local",
     address: Address = None,
+    workers: Workers = None,
     quiet: Quiet = False,
 ) -> None:
     """A small end-to-end study in a few minutes, no network or data folder needed."""
     from ..grid.studies import run_demo
 
-    run = run_demo(workdir, data, _executor(executor, address, None, progress=not quiet),
+    run = run_demo(workdir, data, _executor(executor, address, workers, progress=not quiet),
                    log=None if quiet else lambda m: err.print(m, highlight=False))
     _print_study(run)
 
@@ -201,11 +204,12 @@ def reproduce_mini_cmd(
     config: Annotated[Path | None, typer.Option("--config", help="Config (default: configs/mini.toml).")] = None,
     executor: ExecutorOpt = "local",
     address: Address = None,
+    workers: Workers = None,
     quiet: Quiet = False,
 ) -> None:
     """The CPU-scale replication on the 7 local tasks at 3, 2 and 4 bits (about 90 minutes on 2 cores)."""
     from ..grid.studies import reproduce_mini
 
-    run = reproduce_mini(data, workdir, output, config, _executor(executor, address, None, progress=not quiet),
+    run = reproduce_mini(data, workdir, output, config, _executor(executor, address, workers, progress=not quiet),
                          log=None if quiet else lambda m: err.print(m, highlight=False))
     _print_study(run)

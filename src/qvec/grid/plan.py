@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..errors import QvecError
@@ -189,6 +189,18 @@ def _task_identity(name: str, data_dir: Path | None) -> str:
     return file_digest(path) if path is not None else name
 
 
+def _recipe(base, *overrides: Mapping):
+    """``base`` with the config's overrides; an explicit ``epochs`` is exact (it switches ``min_examples`` off,
+    as ``qvec finetune --epochs`` does), unless ``min_examples`` is given too."""
+    merged: dict = {}
+    for o in overrides:
+        merged.update(o)
+    recipe = base.override(**merged)
+    if "epochs" in merged and "min_examples" not in merged:
+        recipe = replace(recipe, min_examples=None)
+    return recipe
+
+
 def build_plan(config: GridConfig, artifacts_root: str | Path) -> Plan:
     """The full job graph of ``config`` (validated) against an artifact store; pure, does no work."""
     from ..recipe import Recipe
@@ -208,7 +220,7 @@ def build_plan(config: GridConfig, artifacts_root: str | Path) -> Plan:
     if config.backbone == "pretrain":
         assert config.pretrain is not None
         data_file = config.pretrain_file()
-        recipe = Recipe.for_pretraining(spec).override(**config.pretrain.recipe)
+        recipe = _recipe(Recipe.for_pretraining(spec), config.pretrain.recipe)
         key = content_key("pretrain", {"model": spec.to_json(), "data": file_digest(data_file),
                                        "recipe": recipe.to_json()})
         out = store.path("pretrain", key)
@@ -232,8 +244,7 @@ def build_plan(config: GridConfig, artifacts_root: str | Path) -> Plan:
     for seed in seeds:
         sfx = "" if seed is None else f"/s{seed}"
         for task in config.all_tasks:
-            recipe = Recipe.for_task(task, spec).override(**config.recipe).override(
-                **config.task_recipes.get(task, {}))
+            recipe = _recipe(Recipe.for_task(task, spec), config.recipe, config.task_recipes.get(task, {}))
             if seed is not None:
                 recipe = recipe.override(seed=seed)
             for bits in [None, *config.bits]:

@@ -334,6 +334,8 @@ def heatmap_figure(data: StudyData, bits: int, out_dir: Path) -> list[Path]:
             for j, r in enumerate(recvs):
                 if (d, r) in idx:
                     m[i, j] = getattr(idx[(d, r)], attr)
+                elif d == r and attr == "delta_l1":  # self-pairs not run: own vector at lambda = 1 is QAT+PTQ
+                    m[i, j] = data.base("qat_ptq", r, bits) - data.base("ft_ptq", r, bits)
         mats.append(m)
     finite = np.concatenate([m[np.isfinite(m)] for m in mats]) if any(np.isfinite(m).any() for m in mats) else []
     vmax = max(1.0, float(np.nanmax(np.abs(finite)))) if len(finite) else 1.0

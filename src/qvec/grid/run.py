@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .config import GridConfig
-from .executors import Executor, LocalExecutor
+from .executors import Executor, make_executor
 from .jobs import JobOutput
 from .plan import Job, Plan, build_plan, candidate_keys, job_result_keys, missing_keys
 from .store import JobRecord, ResultStore, Training
@@ -65,8 +65,8 @@ def run_grid(
     executor: Executor | None = None,
     log: Callable[[str], None] | None = None,
 ) -> RunSummary:
-    """Run (or resume) the study ``config``: every job not yet done, on ``executor`` (default: local)."""
-    executor = executor or LocalExecutor()
+    """Run (or resume) the study ``config``: every job not yet done, on ``executor`` (default: local workers)."""
+    executor = executor or make_executor("local")
     plan = build_plan(config, artifacts)
     store = ResultStore(db)
     say = log or (lambda _msg: None)
