@@ -369,6 +369,11 @@ _COLOURS = {"FT": "#4c72b0", "FT+PTQ": "#dd8452", "QAT+PTQ": "#55a868", "patched
             "patched λ*": "#8172b3"}
 
 
+def _bits_colour(bits: int) -> str:
+    """One colour per bit-width across figures (2-bit red ... 8-bit green)."""
+    return {2: "#c44e52", 3: "#dd8452", 4: "#4c72b0", 8: "#55a868"}.get(bits, "#8172b3")
+
+
 def bars_figure(data: StudyData, out_dir: Path) -> list[Path]:
     """Per-task bars of FT / FT+PTQ / QAT+PTQ, one panel per bit-width."""
     import numpy as np
@@ -395,7 +400,11 @@ def bars_figure(data: StudyData, out_dir: Path) -> list[Path]:
 
 
 def radar_figure(data: StudyData, out_dir: Path) -> list[Path]:
-    """A radar per bit-width: FT+PTQ, patched+PTQ (mean over donors, lambda = 1 and lambda*), QAT+PTQ."""
+    """A radar per bit-width: FT+PTQ, patched+PTQ (mean over donors, lambda = 1 and lambda*), QAT+PTQ.
+
+    The radial axis starts 10 points below the lowest value (rounded down to 10), not at 0, so that gaps of a few
+    points stay visible; the floor is printed on the figure.
+    """
     import numpy as np
 
     plt = _plt()
@@ -403,31 +412,41 @@ def radar_figure(data: StudyData, out_dir: Path) -> list[Path]:
     if len(recvs) < 3:
         return []
     ang = np.linspace(0, 2 * np.pi, len(recvs), endpoint=False)
-    fig, axes = plt.subplots(1, len(data.bits), figsize=(4.6 * len(data.bits), 4.9), squeeze=False,
-                             subplot_kw={"projection": "polar"})
-    for ax, b in zip(axes[0], data.bits, strict=True):
+    per_bits = {}
+    for b in data.bits:
         pairs = data.pairs_at(b)
-        series = {
+        per_bits[b] = {
             "FT+PTQ": [data.base("ft_ptq", r, b) for r in recvs],
             "patched λ=1": [_mean(p.acc_l1 for p in pairs if p.receiver == r) for r in recvs],
             "patched λ*": [_mean(p.acc_star for p in pairs if p.receiver == r) for r in recvs],
             "QAT+PTQ": [data.base("qat_ptq", r, b) for r in recvs],
         }
-        for name, vals in series.items():
-            v = np.nan_to_num(np.array(vals, float))
-            ax.plot(np.append(ang, ang[0]), np.append(v, v[0]), lw=1.6, color=_COLOURS[name], label=name,
-                    ls="--" if name == "patched λ*" else "-")
-            if name != "patched λ*":
-                ax.fill(np.append(ang, ang[0]), np.append(v, v[0]), alpha=0.06, color=_COLOURS[name])
+    values = [v for series in per_bits.values() for vals in series.values() for v in vals if not math.isnan(v)]
+    floor = max(0.0, 10 * math.floor((min(values, default=0.0) - 10) / 10))
+    fig, axes = plt.subplots(1, len(data.bits), figsize=(5.0 * len(data.bits), 5.4), squeeze=False,
+                             subplot_kw={"projection": "polar"})
+    for ax, b in zip(axes[0], data.bits, strict=True):
+        ax.set_theta_offset(np.pi / 2)
+        ax.set_theta_direction(-1)
+        for name, vals in per_bits[b].items():
+            v = np.array([floor if math.isnan(x) else x for x in vals], float)
+            loop_a, loop_v = np.append(ang, ang[0]), np.append(v, v[0])
+            ax.plot(loop_a, loop_v, lw=1.8, color=_COLOURS[name], label=name, ls="--" if name == "patched λ*" else "-",
+                    marker="o", ms=3)
+            if name in ("FT+PTQ", "QAT+PTQ"):
+                ax.fill(loop_a, loop_v, alpha=0.07, color=_COLOURS[name])
         ax.set_xticks(ang, recvs, fontsize=8)
-        ax.set_ylim(0, 100)
-        ax.set_yticks([25, 50, 75, 100], ["25", "50", "75", "100"], fontsize=6, color="0.4")
-        ax.set_title(f"{b}-bit", fontsize=10, pad=14)
+        ax.tick_params(axis="x", pad=10)
+        ax.set_ylim(floor, 100)
+        ticks = [t for t in range(int(floor) + 10, 101, 10 if 100 - floor <= 50 else 20)]
+        ax.set_yticks(ticks, [str(t) for t in ticks], fontsize=6, color="0.45")
+        ax.set_rlabel_position(180 / len(recvs))
+        ax.set_title(f"{b}-bit (radius from {floor:.0f}%)", fontsize=10, pad=18)
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, frameon=False)
     fig.suptitle(f"{data.model}: test top-1 (%) per receiver; patched = mean over donors (self excluded)",
                  fontsize=10)
-    fig.tight_layout(rect=(0, 0.06, 1, 0.95))
+    fig.tight_layout(rect=(0, 0.05, 1, 0.95))
     return _save(fig, out_dir, "radar")
 
 
@@ -441,12 +460,12 @@ def ptq_loss_figure(data: StudyData, out_dir: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(recvs) + 2), 3.2), constrained_layout=True)
     x = np.arange(len(recvs))
     w = 0.8 / max(1, len(bits))
-    cmap = plt.get_cmap("viridis")
     for k, b in enumerate(bits):
         vals = [data.base("ft", r) - data.base("ft_ptq", r, b) for r in recvs]
-        ax.bar(x + (k - (len(bits) - 1) / 2) * w, vals, w, label=f"{b}-bit", color=cmap(k / max(1, len(bits))))
+        ax.bar(x + (k - (len(bits) - 1) / 2) * w, vals, w, label=f"{b}-bit", color=_bits_colour(b))
     ax.axhline(10, color="0.3", lw=0.8, ls=":")
-    ax.text(len(recvs) - 0.5, 10.5, "10 points", ha="right", va="bottom", fontsize=7, color="0.3")
+    ax.text(-0.45, 10, "10 points", ha="left", va="bottom", fontsize=7, color="0.3",
+            bbox={"facecolor": "white", "edgecolor": "none", "pad": 1})
     ax.set_xticks(x, recvs, rotation=30, ha="right")
     ax.set_ylabel("FT − FT+PTQ (points)")
     ax.set_title(f"{data.model}: accuracy lost to RTN per task", fontsize=10)
@@ -461,17 +480,17 @@ def lambda_figure(data: StudyData, out_dir: Path) -> list[Path]:
     grid = sorted(float(v) for v in data.config.get("lambdas", []))
     if not grid or all(math.isnan(p.lam_star) for p in data.pairs):
         return []
-    fig, ax = plt.subplots(figsize=(6.4, 2.8), constrained_layout=True)
+    fig, ax = plt.subplots(figsize=(6.4, 2.9), constrained_layout=True)
     w = 0.8 / max(1, len(data.bits))
-    cmap = plt.get_cmap("viridis")
     for k, b in enumerate(sorted(data.bits)):
         lams = [lam_key(p.lam_star) for p in data.pairs_at(b) if not math.isnan(p.lam_star)]
         counts = [lams.count(lam_key(g)) for g in grid]
         ax.bar([i + (k - (len(data.bits) - 1) / 2) * w for i in range(len(grid))], counts, w, label=f"{b}-bit",
-               color=cmap(k / max(1, len(data.bits))))
+               color=_bits_colour(b))
     ax.set_xticks(range(len(grid)), [f"{g:g}" for g in grid])
-    ax.set_xlabel("λ* (chosen on the receiver's validation split)")
-    ax.set_ylabel("pairs")
+    ax.set_xlabel("λ* (chosen on the receiver's validation split: uses receiver data)")
+    ax.set_ylabel("transfer pairs")
+    ax.set_title(f"{data.model}: which λ the validation split picks", fontsize=10)
     ax.legend(fontsize=8)
     return _save(fig, out_dir, "lambda_star")
 
