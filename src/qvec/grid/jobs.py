@@ -1,4 +1,4 @@
-"""What each job does, in whichever process runs it (the driver locally, a Ray worker remotely).
+"""What each job does, in whichever process runs it (a local worker, a Ray worker, or the driver itself).
 
 Training and vector jobs call the library (:func:`qvec.train.pretrain`, :func:`qvec.train.finetune`,
 :meth:`qvec.vector.QuantVector.from_checkpoints`) and write one content-addressed artifact; they return no rows.

@@ -128,27 +128,33 @@ def baseline_items(params: Mapping) -> list[dict]:
     return items
 
 
-def missing_keys(job: Job, lookup: Callable[[Iterable[str]], Mapping[str, float]]) -> list[str] | None:
-    """Result keys an evaluation job still has to produce (None: not knowable yet, i.e. some val cells missing).
+def job_result_keys(job: Job, lookup: Callable[[Iterable[str]], Mapping[str, float]]) -> list[str] | None:
+    """Every result key an evaluation job stands for, or None while it is not knowable yet.
 
     ``lookup(keys)`` returns the stored value of each key that exists. A ``cells`` job's test lambdas depend on
-    its validation results, so they are known only once every validation cell is stored.
+    its validation results, so its keys are known only once every validation cell is stored.
     """
     p = job.params
     if job.kind == "baseline":
-        keys = [it["key"] for it in baseline_items(p)]
-        have = lookup(keys)
-        return [k for k in keys if k not in have]
+        return [it["key"] for it in baseline_items(p)]
     if job.kind != "cells":
         return []
-    lam_star = None
+    keys, lam_star = [], None
     if p["select_lambda"]:
         val_keys = {lam_key(lam): cell_key(p, lam, "val") for lam in p["lambdas"]}
         have = lookup(val_keys.values())
         if len(have) < len(val_keys):
             return None
+        keys += list(val_keys.values())
         lam_star = select_lambda({lam: have[val_keys[lam_key(lam)]] for lam in p["lambdas"]})
-    keys = [cell_key(p, lam, "test") for lam in lambdas_on_test(p, lam_star)]
+    return keys + [cell_key(p, lam, "test") for lam in lambdas_on_test(p, lam_star)]
+
+
+def missing_keys(job: Job, lookup: Callable[[Iterable[str]], Mapping[str, float]]) -> list[str] | None:
+    """Result keys an evaluation job still has to produce (None: not knowable yet, see :func:`job_result_keys`)."""
+    keys = job_result_keys(job, lookup)
+    if keys is None:
+        return None
     have = lookup(keys)
     return [k for k in keys if k not in have]
 
@@ -162,22 +168,6 @@ def candidate_keys(job: Job) -> list[str]:
         return []
     lams = [*p["lambdas"], 1.0]
     return [cell_key(p, lam, "val") for lam in p["lambdas"]] + [cell_key(p, lam, "test") for lam in lams]
-
-
-def job_result_keys(job: Job, lookup: Callable[[Iterable[str]], Mapping[str, float]]) -> list[str]:
-    """Every result key a finished evaluation job stands for (to link reused rows to a study)."""
-    p = job.params
-    if job.kind == "baseline":
-        return [it["key"] for it in baseline_items(p)]
-    if job.kind != "cells":
-        return []
-    keys, lam_star = [], None
-    if p["select_lambda"]:
-        val_keys = {lam_key(lam): cell_key(p, lam, "val") for lam in p["lambdas"]}
-        have = lookup(val_keys.values())
-        keys += list(val_keys.values())
-        lam_star = select_lambda({lam: have[val_keys[lam_key(lam)]] for lam in p["lambdas"]})
-    return keys + [cell_key(p, lam, "test") for lam in lambdas_on_test(p, lam_star)]
 
 
 # ------------------------------------------------------------------------------------------------ planning

@@ -79,7 +79,7 @@ def run_grid(
         pending: list[Job] = [j for j in plan.jobs if status[j.id] == "pending"]
         for job in plan.jobs:  # rows measured earlier (or by another study) become part of this study
             if status[job.id] == "done" and job.kind not in ARTIFACT_KINDS:
-                store.link_results(config.name, job_result_keys(job, lookup))
+                store.link_results(config.name, job_result_keys(job, lookup) or [])
         summary.skipped = len(plan.jobs) - len(pending)
         say(f"study {config.name}: {len(plan.jobs)} jobs planned, {summary.skipped} already done, "
             f"{len(pending)} to run on {executor.name}")
@@ -89,23 +89,28 @@ def run_grid(
                 return job
             return replace(job, params={**job.params, "known": lookup(candidate_keys(job))})
 
+        handled = 0
+
         def on_done(job: Job, out: JobOutput) -> None:
+            nonlocal handled
+            handled += 1
             p = job.params
-            rec = JobRecord(key=job.key, kind=job.kind, label=p.get("label", job.id), study=config.name,
-                            task=p.get("receiver") or p.get("task", ""), bits=p.get("bits"), seconds=out.seconds,
-                            results=len(out.results), worker=out.worker)
+            label = p.get("label", job.id)
             if out.reused:  # another process finished the artifact first: nothing was executed here
                 summary.skipped += 1
+                say(f"[{handled}/{len(pending)}] {label}: already done elsewhere")
                 return
+            rec = JobRecord(key=job.key, kind=job.kind, label=label, study=config.name,
+                            task=p.get("receiver") or p.get("task", ""), bits=p.get("bits"), seconds=out.seconds,
+                            results=len(out.results), worker=out.worker)
             summary.new_rows += store.add_job(rec, out.results, config.name)
             if job.kind not in ARTIFACT_KINDS:
-                store.link_results(config.name, job_result_keys(job, lookup))
+                store.link_results(config.name, job_result_keys(job, lookup) or [])
             summary.executed += 1
             summary.eval_seconds += out.eval_seconds
             summary.job_seconds[job.kind] = summary.job_seconds.get(job.kind, 0.0) + out.seconds
-            n = summary.executed + (summary.skipped - (len(plan.jobs) - len(pending)))
-            say(f"[{n}/{len(pending)}] {rec.label}: {out.seconds:.1f}s" + (f", {len(out.results)} rows"
-                                                                              if out.results else ""))
+            rows = f", {len(out.results)} rows" if out.results else ""
+            say(f"[{handled}/{len(pending)}] {label}: {out.seconds:.1f}s{rows}")
 
         executor.run(pending, dispatch, on_done)
     finally:
