@@ -10,7 +10,7 @@ from PIL import Image
 
 from qvec.cli import main
 from qvec.errors import QvecError
-from qvec.grid.report import load_study, summary_table, wise_table, write_report
+from qvec.grid.report import load_study, ptq_verdict, summary_table, wise_table, write_report
 from qvec.grid.store import Result, ResultStore, Training
 
 TASKS = ["alpha", "beta", "gamma"]
@@ -87,6 +87,15 @@ def test_tables_exclude_self_pairs(db):
     assert s[:4] == [3, 6, 40.0, 30.0]  # pairs, PTQ loss 90-50, QAT gain 80-50
     assert s[4] == pytest.approx(20 / 6) and s[6] == pytest.approx(50.0)  # mean delta, win rate at lambda = 1
     assert s[9] == 1.0  # median lambda*
+
+
+def test_ptq_verdict_names_the_informative_bit_width(db):
+    with ResultStore(db) as store:
+        data = load_study(store)
+    lead, text = ptq_verdict(data)
+    assert lead == 3 and "3 of 3 tasks lose ≥ 10 points" in text and "3-bit is the informative setting" in text
+    lead, text = ptq_verdict(data, threshold=50)
+    assert "At no bit-width do most tasks lose ≥ 50 points" in text
 
 
 def test_write_report_files_and_figures(db, tmp_path):

@@ -299,6 +299,29 @@ def summary_table(data: StudyData) -> Table:
                  "λ* 0.75.")
 
 
+def ptq_verdict(data: StudyData, threshold: float = 10.0) -> tuple[int, str]:
+    """Which bit-width the study is informative at, and a sentence saying so plainly.
+
+    The informative setting is the one where most receivers lose at least ``threshold`` points to RTN (ties: the
+    milder bit-width); a bit-width where PTQ costs little leaves little for any vector to recover.
+    """
+    hurt = {}
+    for b in data.bits:
+        losses = [data.base("ft", r) - data.base("ft_ptq", r, b) for r in data.receivers]
+        hurt[b] = (sum(x >= threshold for x in losses), _mean(losses))
+    lead = max(data.bits, key=lambda b: (hurt[b][0], b))
+    n = len(data.receivers)
+    parts = [f"{b}-bit: {hurt[b][0]} of {n} tasks lose ≥ {threshold:g} points (mean loss {hurt[b][1]:.1f})"
+             for b in sorted(data.bits)]
+    text = "Where RTN hurts: " + "; ".join(parts) + ". "
+    if hurt[lead][0] * 2 > n:
+        text += f"**{lead}-bit is the informative setting** and is reported first."
+    else:
+        text += (f"At no bit-width do most tasks lose ≥ {threshold:g} points; {lead}-bit comes closest and is "
+                 "reported first. Read every Δ against how little there is to recover.")
+    return lead, text
+
+
 # ------------------------------------------------------------------------------------------------- figures
 def _plt():
     import matplotlib
@@ -537,14 +560,15 @@ def write_report(db: str | os.PathLike, out_dir: str | os.PathLike, study: str |
         if png:
             md.extend([f"![{title}]({png})", "", f"*{title}* ([SVG]({_rel(paths, '.svg')}))", ""])
 
-    md += ["## Summary", ""]
+    lead, verdict = ptq_verdict(data)
+    md += ["## Summary", "", verdict, ""]
     emit(summary_table(data))
     emit(ptq_loss_table(data))
     fig("Accuracy lost to RTN per task and bit-width", ptq_loss_figure(data, out))
     fig("FT vs FT+PTQ vs QAT+PTQ per task", bars_figure(data, out))
     fig("Radar per bit-width", radar_figure(data, out))
     fig("Distribution of λ*", lambda_figure(data, out))
-    for b in data.bits:
+    for b in [lead, *[b for b in data.bits if b != lead]]:
         md += [f"## {b}-bit", ""]
         emit(baseline_table(data, b))
         fig(f"Transfer Δ at {b}-bit, {ZS} beside {SEL}", heatmap_figure(data, b, out))
