@@ -7,6 +7,7 @@ A split is preprocessed once per model input configuration and kept in memory as
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -61,6 +62,27 @@ def infer_data_config(model: nn.Module) -> DataConfig:
     raise QvecError(f"cannot tell the input configuration of a {type(model).__name__}; pass config=")
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model's weights live (CPU for a model without parameters)."""
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """``None``/``"auto"``: the GPU when there is one, else the CPU (where runs are bit-for-bit deterministic)."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise QvecError(f"device {device!r} requested but no CUDA GPU is available")
+    return dev
+
+
+def autocast_for(device: torch.device):
+    """bf16 autocast on GPUs (matmuls in bf16, weights and fake quantization in fp32); a no-op on the CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _num_outputs(model: nn.Module) -> int | None:
     n = getattr(model, "num_classes", None)
     return int(n) if isinstance(n, int) and n > 0 else None
@@ -94,6 +116,8 @@ def evaluate(
     cached = ds.tensors(config, max_bytes=cache_max_bytes) if n else None
     was_training = model.training
     model.eval()
+    device = model_device(model)
+    labels = labels.to(device)
     correct = 0
     bar = None
     t0 = time.perf_counter()
@@ -114,7 +138,8 @@ def evaluate(
 
                     x = normalize(ds.load(range(s, e), config.image_size, config.interpolation),
                                   config.mean, config.std)
-                pred = model(x).argmax(dim=-1)
+                with autocast_for(device):
+                    pred = model(x.to(device, non_blocking=True)).argmax(dim=-1)
                 correct += int((pred == labels[s:e]).sum())
                 if bar is not None:
                     bar.update(job, advance=e - s)

@@ -39,7 +39,7 @@ from .checkpoint import (
     fingerprint_tensors,
 )
 from .errors import QvecError
-from .evaluate import evaluate
+from .evaluate import autocast_for, evaluate, resolve_device
 from .models import DataConfig, ModelAdapter, ModelSpec, build_model, checkpoint_from_model, get_adapter
 from .models.loading import check_state_matches
 from .qat import convert_qat, prepare_qat
@@ -120,6 +120,7 @@ class _Job:
     log_path: Path
     run_key: str
     fingerprint_after: bool = False  # pretraining: fingerprint the trained backbone
+    device: torch.device = torch.device("cpu")
 
 
 def canonical_name(name: str) -> str:
@@ -154,7 +155,7 @@ def _float_copy(job: _Job) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         model = build_model(job.spec, pretrained=False)
     model.load_state_dict(state)
-    return model
+    return model.to(job.device)
 
 
 def _val_accuracy(job: _Job, quant: QuantSpec | None) -> float | None:
@@ -204,6 +205,7 @@ def _train(job: _Job, resume: bool = True, on_epoch: Callable[[int], None] | Non
     steps_per_epoch = math.ceil(n / recipe.batch_size)
     epochs = recipe.epochs_for(n)
     total = steps_per_epoch * epochs
+    model.to(job.device)
     params = trainable_parameters(model)
     opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
     spath = state_path(job.out)
@@ -236,10 +238,13 @@ def _train(job: _Job, resume: bool = True, on_epoch: Callable[[int], None] | Non
                 idx = perm[b * recipe.batch_size : (b + 1) * recipe.batch_size]
                 x, y = make_batch(train_split, idx, config, recipe, gen)
                 digest.update(x.numpy().tobytes()[:4096])
+                x, y = x.to(job.device, non_blocking=True), y.to(job.device, non_blocking=True)
                 batch_loss = 0.0
                 for m in range(0, len(idx), recipe.micro_batch):
                     xm, ym = x[m : m + recipe.micro_batch], y[m : m + recipe.micro_batch]
-                    loss = F.cross_entropy(model(xm), ym, label_smoothing=recipe.label_smoothing)
+                    with autocast_for(job.device):
+                        logits = model(xm)
+                    loss = F.cross_entropy(logits.float(), ym, label_smoothing=recipe.label_smoothing)
                     (loss * (len(ym) / len(y))).backward()
                     batch_loss += loss.item() * len(ym)
                 if not math.isfinite(batch_loss):
@@ -281,7 +286,7 @@ def _train(job: _Job, resume: bool = True, on_epoch: Callable[[int], None] | Non
             bar.stop()
     if job.qat is not None:
         convert_qat(model)
-    model.eval()
+    model.eval().cpu()
     meta = dict(job.meta)
     meta[META_RECIPE] = recipe.to_json()
     meta[META_TRAIN_SECONDS] = f"{train_seconds:.3f}"
@@ -324,6 +329,7 @@ def finetune(
     pretrained: bool | None = None,
     resume: bool = True,
     on_epoch: Callable[[int], None] | None = None,
+    device: str | torch.device | None = None,
 ) -> Checkpoint:
     """Fine-tune ``spec`` on ``task`` from theta_0 (FT, or QAT when ``qat`` is given) and save to ``out``.
 
@@ -332,6 +338,7 @@ def finetune(
     e.g. CLIP zero-shot heads, and frozen when the adapter says so). The JSON log (default ``<out>.log.json``) has
     per-epoch train loss and validation accuracy, and for QAT (or when ``eval_quant`` is given) validation
     accuracy after PTQ. ``on_epoch`` is called after each finished epoch (used by the tests to interrupt a run).
+    ``device`` defaults to the GPU when there is one (bf16 autocast there); CPU runs are bit-for-bit deterministic.
     """
     spec = spec.with_classes(task.num_classes)
     adapter = get_adapter(spec)
@@ -363,7 +370,7 @@ def finetune(
                        eval_quant.to_dict() if eval_quant else None)
     job = _Job(model, adapter, spec, task, recipe, Path(out), meta[META_KIND], meta, qat,
                eval_quant if eval_quant is not None else qat, include_in_proj, progress,
-               Path(log_path) if log_path else log_path_for(out), run_key)
+               Path(log_path) if log_path else log_path_for(out), run_key, device=resolve_device(device))
     return _train(job, resume=resume, on_epoch=on_epoch)
 
 
@@ -377,6 +384,7 @@ def pretrain(
     log_path: str | Path | None = None,
     resume: bool = True,
     on_epoch: Callable[[int], None] | None = None,
+    device: str | torch.device | None = None,
 ) -> Checkpoint:
     """Train theta_0 from scratch on a JPEG corpus (``pretrain_cifar10.npz``), decoded in memory.
 
@@ -392,5 +400,6 @@ def pretrain(
             META_CLASSES: json.dumps(list(task.classes))}
     run_key = _run_key("pretrain", spec.to_json(), task.source, recipe.to_json())
     job = _Job(model, adapter, spec, task, recipe, Path(out), "pretrained", meta, None, None, True, progress,
-               Path(log_path) if log_path else log_path_for(out), run_key, fingerprint_after=True)
+               Path(log_path) if log_path else log_path_for(out), run_key, fingerprint_after=True,
+               device=resolve_device(device))
     return _train(job, resume=resume, on_epoch=on_epoch)

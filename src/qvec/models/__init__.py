@@ -52,5 +52,5 @@ def checkpoint_from_model(model: nn.Module, spec: ModelSpec, **meta: str) -> Che
     """Wrap a model's state dict with the header that lets qvec rebuild it."""
     if any(".parametrizations." in k for k in model.state_dict()):
         raise QvecError("model is still prepared for QAT; call qvec.qat.convert_qat first")
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     return Checkpoint(state, {META_MODEL: spec.to_json(), **meta})
