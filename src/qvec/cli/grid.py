@@ -53,10 +53,10 @@ def _load(config: Path | None, data: Path | None, name: str | None, model: str |
     return load_config(config, overrides, check_tasks=check_tasks)
 
 
-def _executor(name: str, address: str | None, workers: int | None, progress: bool):
+def _executor(name: str, address: str | None, workers: int | None, progress: bool, gpus_per_job: float = 0):
     from ..grid.executors import make_executor
 
-    return make_executor(name, address=address, workers=workers, progress=progress)
+    return make_executor(name, address=address, workers=workers, progress=progress, gpus_per_job=gpus_per_job)
 
 
 NameOpt = Annotated[str | None, typer.Option("--name", help="Study name (default: the config file's stem).")]
@@ -65,6 +65,7 @@ TasksOpt = Annotated[str | None, typer.Option("--tasks", help="Comma-separated t
 BitsOpt = Annotated[str | None, typer.Option("--bits", "-b", help="Comma-separated bit-widths, e.g. 3,2,4.")]
 LambdasOpt = Annotated[str | None, typer.Option("--lambdas", help="Comma-separated lambda grid.")]
 BackboneOpt = Annotated[str | None, typer.Option("--backbone", help="pretrain, hub or a theta_0 weights file.")]
+GpusOpt = Annotated[float, typer.Option("--gpus-per-job", help="Ray: GPUs reserved per job (e.g. 1 on GPU nodes).")]
 
 
 @grid_app.command("run")
@@ -83,6 +84,7 @@ def grid_run(
     bits: BitsOpt = None,
     lambdas: LambdasOpt = None,
     backbone: BackboneOpt = None,
+    gpus_per_job: GpusOpt = 0,
     quiet: Quiet = False,
 ) -> None:
     """Run (or resume) a donor x receiver grid; finished jobs are never repeated."""
@@ -91,7 +93,7 @@ def grid_run(
     cfg = _load(config, data, name, model, tasks, bits, lambdas, backbone)
     d_db, d_art = default_paths(cfg, workdir)
     summary = run_grid(cfg, db=db or d_db, artifacts=artifacts or d_art,
-                       executor=_executor(executor, address, workers, progress=not quiet),
+                       executor=_executor(executor, address, workers, not quiet, gpus_per_job),
                        log=None if quiet else lambda m: err.print(m, highlight=False))
     out.print(f"study {summary.study}: {summary.executed} jobs run, {summary.skipped} already done, "
               f"{summary.new_rows} new results in {summary.seconds:.0f}s -> {summary.db}")
@@ -129,6 +131,24 @@ def grid_plan(
         with ResultStore(db_path) as store:
             status = job_status(plan, store)
     print(describe_plan(plan, status))
+
+
+@grid_app.command("adopt")
+def grid_adopt(
+    config: Annotated[Path, typer.Argument(help="Grid config (.toml/.yaml).")],
+    files: Annotated[list[Path], typer.Argument(help="Checkpoints made by qvec pretrain / qvec finetune.")],
+    artifacts: Artifacts = None,
+    data: DataDir = None,
+    workdir: Workdir = Path("runs"),
+) -> None:
+    """Reuse checkpoints trained outside the grid: each is checked against a training job's inputs (model, task,
+    kind, quantizer, recipe, theta_0) and copied where the grid expects it."""
+    from ..grid import default_paths
+    from ..grid.run import adopt_checkpoints
+
+    cfg = _load(config, data, None, None, None, None, None, None)
+    for f, job in adopt_checkpoints(cfg, artifacts or default_paths(cfg, workdir)[1], files):
+        out.print(f"{f} -> {job}")
 
 
 @grid_app.command("export")

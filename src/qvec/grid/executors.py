@@ -185,8 +185,9 @@ class PoolExecutor(ParallelExecutor):
 
 
 class RayExecutor(ParallelExecutor):
-    """Parallel on Ray: one task per job (``cpus_per_job`` CPUs each), retried ``max_retries`` times if its worker
-    dies. Starts a local cluster (``num_cpus`` CPUs) unless ``address`` names one or Ray is already up."""
+    """Parallel on Ray: one task per job (``cpus_per_job`` CPUs and ``gpus_per_job`` GPUs each), retried
+    ``max_retries`` times if its worker dies. Starts a local cluster (``num_cpus`` CPUs) unless ``address`` names
+    one or Ray is already up."""
 
     name = "ray"
 
@@ -197,10 +198,12 @@ class RayExecutor(ParallelExecutor):
         cpus_per_job: float = 1,
         max_retries: int = 3,
         runner: Runner = execute_job,
+        gpus_per_job: float = 0,
     ) -> None:
         self.address = address
         self.num_cpus = num_cpus
         self.cpus_per_job = cpus_per_job
+        self.gpus_per_job = gpus_per_job
         self.max_retries = max_retries
         self.runner = runner
         self._ray = None
@@ -226,8 +229,13 @@ class RayExecutor(ParallelExecutor):
                 where = self.address or "a local cluster"
                 raise QvecError(f"could not start or reach Ray at {where} ({str(e).splitlines()[0]})") from None
             self._started = True
-        self.slots = max(1, int(ray.cluster_resources().get("CPU", 1) // self.cpus_per_job))
-        self._remote = ray.remote(num_cpus=self.cpus_per_job, max_retries=self.max_retries)(_call_runner)
+        res = ray.cluster_resources()
+        self.slots = max(1, int(res.get("CPU", 1) // self.cpus_per_job))
+        if self.gpus_per_job:  # GPU jobs (training on a cluster of GPU nodes): as many at once as GPUs allow
+            self.slots = max(1, min(self.slots, int(res.get("GPU", 0) // self.gpus_per_job)))
+        self._remote = ray.remote(
+            num_cpus=self.cpus_per_job, num_gpus=self.gpus_per_job, max_retries=self.max_retries
+        )(_call_runner)
 
     def _stop(self) -> None:
         if self._started:
@@ -255,8 +263,11 @@ def default_workers() -> int:
 
 
 def make_executor(name: str, *, address: str | None = None, num_cpus: int | None = None,
-                  workers: int | None = None, progress: bool = False) -> Executor:
-    """An executor by name: ``local`` (``workers`` processes; 1 = in this process) or ``ray``."""
+                  workers: int | None = None, progress: bool = False, gpus_per_job: float = 0) -> Executor:
+    """An executor by name: ``local`` (``workers`` processes; 1 = in this process) or ``ray``.
+
+    ``gpus_per_job`` (Ray only) reserves GPUs for each job; jobs then train and evaluate on their GPU.
+    """
     if name == "local":
         if address:
             raise QvecError("--address is only for --executor ray")
@@ -265,5 +276,5 @@ def make_executor(name: str, *, address: str | None = None, num_cpus: int | None
             raise QvecError(f"--workers must be >= 1, got {n}")
         return LocalExecutor(progress=progress) if n == 1 else PoolExecutor(n)
     if name == "ray":
-        return RayExecutor(address=address, num_cpus=num_cpus or workers)
+        return RayExecutor(address=address, num_cpus=num_cpus or workers, gpus_per_job=gpus_per_job)
     raise QvecError(f"unknown executor {name!r}; choose local or ray")
