@@ -8,10 +8,12 @@ import pytest
 import torch
 
 from qvec.checkpoint import Checkpoint
+from qvec.errors import QvecError
 from qvec.evaluate import evaluate
 from qvec.grid import build_plan, job_status, load_config, run_grid
 from qvec.grid.executors import make_executor
 from qvec.grid.report import write_report
+from qvec.grid.run import adopt_checkpoints
 from qvec.grid.store import ResultStore
 from qvec.models import get_adapter, load_model
 from qvec.quant import QuantSpec, quantize_
@@ -111,3 +113,22 @@ def test_report_from_a_real_run(study, tmp_path):
     assert "syn_glyphs" in text and (tmp_path / "report" / "heatmap_w3.png").is_file()
     with ResultStore(root / "tiny.db") as store:
         assert {t.task for t in store.trainings("tiny") if t.kind == "qat"} == set(TINY_TASKS)
+
+
+def test_adopt_checkpoints_trained_outside_the_grid(study, tmp_path):
+    """Checkpoints whose headers record a job's exact inputs are reused; anything else is refused."""
+    root, cfg, _ = study
+    plan = build_plan(cfg, root / "artifacts")
+    outside = {}
+    for jid in ("pretrain/vit-nano", "ft/syn_glyphs", "qat/w3/syn_shapes"):
+        outside[jid] = tmp_path / f"{jid.replace('/', '_')}.safetensors"
+        shutil.copy(plan.by_id[jid].params["out"], outside[jid])
+    fresh = tmp_path / "artifacts"
+    got = adopt_checkpoints(cfg, fresh, list(outside.values()))
+    assert sorted(j for _, j in got) == sorted(outside)
+    with ResultStore(tmp_path / "x.db") as store:
+        status = job_status(build_plan(cfg, fresh), store)
+    assert {j for j, s in status.items() if s == "done"} == set(outside)
+    with pytest.raises(QvecError, match="matches no training job"):
+        adopt_checkpoints(load_config(write_tiny_config(root, name="other", extra='[recipe.tasks.syn_glyphs]\n'
+                                                        'lr = 0.5\n')), tmp_path / "a2", list(outside.values()))

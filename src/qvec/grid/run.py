@@ -10,11 +10,15 @@ repeats no finished job, and ends with the same rows as an uninterrupted run.
 
 from __future__ import annotations
 
+import json
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from ..checkpoint import atomic_path
+from ..errors import QvecError
 from .config import GridConfig
 from .executors import Executor, make_executor
 from .jobs import JobOutput
@@ -148,6 +152,95 @@ def _record_trainings(plan: Plan, store: ResultStore) -> None:
                                  secs))
     if rows:
         store.add_trainings(rows)
+
+
+def _header(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except (OSError, ValueError, RuntimeError) as e:
+        raise QvecError(f"{path}: not a readable safetensors checkpoint ({str(e).splitlines()[0]})") from None
+
+
+def _theta0_fingerprint(plan: Plan) -> str | None:
+    """The backbone fingerprint every FT/QAT of the plan must carry (None while theta_0 is not there yet)."""
+    from ..checkpoint import META_FINGERPRINT
+
+    cfg = plan.config
+    if cfg.backbone == "hub":
+        raise QvecError("adopting checkpoints needs a theta_0 file (backbone = 'pretrain' or a path), not 'hub'")
+    if cfg.backbone == "pretrain":
+        path = Path(next(j for j in plan.jobs if j.kind == "pretrain").params["out"])
+    else:
+        path = cfg.resolve_path(cfg.backbone)
+    return _header(path).get(META_FINGERPRINT) if path.is_file() else None
+
+
+def _same_json(a: str | None, b: str | None) -> bool:
+    try:
+        return a is not None and b is not None and json.loads(a) == json.loads(b)
+    except ValueError:
+        return False
+
+
+def _matches(job: Job, meta: dict[str, str], theta0_fp: str | None) -> bool:
+    """Does a checkpoint header record exactly this training job's inputs?"""
+    from ..checkpoint import META_FINGERPRINT, META_KIND, META_MODEL, META_QUANT, META_TASK
+    from ..models import ModelSpec
+    from ..train import META_INCLUDE_IN_PROJ, META_RECIPE
+
+    p = job.params
+    want, have = ModelSpec.from_json(p["model"]), meta.get(META_MODEL)
+    if have is None:
+        return False
+    have_spec = ModelSpec.from_json(have)
+    if (have_spec.family, have_spec.name, have_spec.options) != (want.family, want.name, want.options):
+        return False
+    if not _same_json(meta.get(META_RECIPE), p["recipe"]):
+        return False
+    if job.kind == "pretrain":
+        return meta.get(META_KIND) == "pretrained" and meta.get(META_TASK) == f"pretrain:{Path(p['data_file']).stem}"
+    kind = "qat" if p["qat"] else "ft"
+    if meta.get(META_KIND) != kind or meta.get(META_TASK) != p["task"]:
+        return False
+    if theta0_fp is None or meta.get(META_FINGERPRINT) != theta0_fp:
+        return False
+    if p["qat"]:
+        return _same_json(meta.get(META_QUANT), json.dumps(p["qat"])) and _same_json(
+            meta.get(META_INCLUDE_IN_PROJ), json.dumps(p["include_in_proj"]))
+    return True
+
+
+def adopt_checkpoints(config: GridConfig, artifacts: str | Path, files: list[str | Path]) -> list[tuple[Path, str]]:
+    """Put checkpoints trained outside the grid (``qvec pretrain`` / ``qvec finetune``) where the plan expects them.
+
+    A file is adopted only when its header records exactly a training job's inputs: model, kind, task,
+    quantizer, recipe (field by field) and, for FT/QAT, the fingerprint of this plan's theta_0. So adopting never
+    changes what the grid computes; it only saves recomputing it. The task's data file is not recorded in a
+    header: adopt only checkpoints trained on the same data folder. Returns (file, job id) pairs; a file that
+    matches no job is a QvecError.
+    """
+    plan = build_plan(config, artifacts)
+    training = [j for j in plan.jobs if j.kind in ("pretrain", "finetune")]
+    metas = {Path(f): _header(Path(f)) for f in files}
+    # theta_0 first: the FT/QAT checks need its fingerprint.
+    order = sorted(metas, key=lambda f: metas[f].get("qvec.kind") != "pretrained")
+    adopted = []
+    for f in order:
+        theta0_fp = _theta0_fingerprint(plan)
+        job = next((j for j in training if _matches(j, metas[f], theta0_fp)), None)
+        if job is None:
+            raise QvecError(f"{f}: its header matches no training job of study {config.name!r} (model, kind, task, "
+                            "quantizer, recipe and theta_0 must all be the grid's)")
+        out = Path(job.params["out"])
+        if not out.is_file():
+            plan.artifacts.write_info(job.kind, job.key, {"label": job.params["label"], "adopted_from": str(f)})
+            with atomic_path(out) as tmp:
+                shutil.copyfile(f, tmp)
+        adopted.append((f, job.id))
+    return adopted
 
 
 def default_paths(config: GridConfig, workdir: str | Path | None = None) -> tuple[Path, Path]:
