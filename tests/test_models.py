@@ -96,3 +96,35 @@ def test_load_model_strict_errors(nano_spec):
         QvecError, match=r"'blocks.0.attn.qkv.weight' has shape \(5, 5\), the model expects \(288, 96\)"
     ):
         load_model(ckpt)
+
+
+def test_finetune_from_local_hub_weights_file(tmp_path):
+    """Offline users pass the family's pretrained file with --weights; its backbone is what training starts from."""
+    from qvec.cli import main
+    from qvec.evaluate import resolve_device
+
+    from .conftest import shared_data_dir
+
+    data = shared_data_dir()
+    if data is None:
+        pytest.skip("the shared task suite (../shared/data or $QVEC_DATA) is absent")
+    torch.manual_seed(0)
+    src = build_model(ModelSpec("timm", "vit_tiny_patch16_224", 1000))
+    torch.save(src.state_dict(), tmp_path / "hub.pth")
+    out = tmp_path / "ft.safetensors"
+    args = ["finetune", "--model", "timm:vit_tiny_patch16_224", "--weights", str(tmp_path / "hub.pth"), "--task",
+            "sign_digits", "--data", str(data), "-o", str(out), "--epochs", "1", "--train-limit", "16",
+            "--batch-size", "16", "--lr", "1e-12", "--device", "cpu", "--quiet"]
+    assert main(args) == 0
+    ft = Checkpoint.load(out)
+    torch.testing.assert_close(ft.state["pos_embed"], src.state_dict()["pos_embed"], atol=1e-6, rtol=0)
+    assert ft.state["head.weight"].shape == (10, 192)
+    assert resolve_device("cpu").type == "cpu"
+    with pytest.raises(QvecError, match="no CUDA GPU") if not torch.cuda.is_available() else _nothing():
+        resolve_device("cuda")
+
+
+def _nothing():
+    import contextlib
+
+    return contextlib.nullcontext()

@@ -330,6 +330,7 @@ def finetune(
     resume: bool = True,
     on_epoch: Callable[[int], None] | None = None,
     device: str | torch.device | None = None,
+    weights: str | Path | None = None,
 ) -> Checkpoint:
     """Fine-tune ``spec`` on ``task`` from theta_0 (FT, or QAT when ``qat`` is given) and save to ``out``.
 
@@ -339,13 +340,15 @@ def finetune(
     per-epoch train loss and validation accuracy, and for QAT (or when ``eval_quant`` is given) validation
     accuracy after PTQ. ``on_epoch`` is called after each finished epoch (used by the tests to interrupt a run).
     ``device`` defaults to the GPU when there is one (bf16 autocast there); CPU runs are bit-for-bit deterministic.
+    ``weights`` is a local copy of the family's pretrained weights (e.g. an OpenCLIP or timm file from the hub),
+    loaded by the adapter, for machines without network access.
     """
     spec = spec.with_classes(task.num_classes)
     adapter = get_adapter(spec)
     if pretrained is None:
         pretrained = init is None and spec.family != "qvec"
     torch.manual_seed(recipe.seed)
-    model = build_model(spec, pretrained=pretrained)
+    model = build_model(spec, pretrained=pretrained and not weights, weights=str(weights) if weights else None)
     fingerprint, init_meta = None, {}
     if init is not None:
         fingerprint, init_meta = _load_init(model, adapter, init)

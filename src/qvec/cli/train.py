@@ -60,9 +60,10 @@ def _recipe(base: Recipe, recipe_file: Path | None, **overrides) -> Recipe:
     return base.override(**overrides)
 
 
-def _model_spec(name: str) -> ModelSpec:
-    """Parse --model; a name that is neither built in nor a timm model lists the built-in ones."""
-    spec = ModelSpec.parse(name)
+def _model_spec(name: str, pretrained: str | None = None) -> ModelSpec:
+    """Parse --model (and --pretrained, a family's weights tag such as OpenCLIP's ``openai``); a name that is
+    neither built in nor a timm model lists the built-in ones."""
+    spec = ModelSpec.parse(name, **({"pretrained": pretrained} if pretrained else {}))
     if spec.family == "qvec" and spec.name not in builtin_names():
         raise QvecError(f"unknown built-in model {spec.name!r}; known: {', '.join(builtin_names())}")
     if spec.family == "timm" and ":" not in name:
@@ -116,6 +117,13 @@ def finetune(
     task: Task,
     output: Output,
     init: Annotated[Path | None, typer.Option("--init", help="theta_0 file (pretrained backbone).")] = None,
+    pretrained: Annotated[
+        str | None, typer.Option("--pretrained", help="Weights tag of the family (OpenCLIP: openai, laion2b_...).")
+    ] = None,
+    weights: Annotated[
+        Path | None, typer.Option("--weights", help="Local file of the family's pretrained weights (offline use).")
+    ] = None,
+    device: Annotated[str, typer.Option("--device", help="auto (GPU if any), cpu, cuda, cuda:1 ...")] = "auto",
     qat: Annotated[bool, typer.Option("--qat", help="Quantization-aware training (else plain FT).")] = False,
     bits: Bits = 3,
     granularity: Gran = "channel",
@@ -135,7 +143,7 @@ def finetune(
 ) -> None:
     """Fine-tune from theta_0: FT, or QAT with --qat (same recipe and seed); resumable (rerun the same command)."""
     _set_threads(threads)
-    spec = _model_spec(model)
+    spec = _model_spec(model, pretrained)
     t = get_task(task, data)
     q = QuantSpec(bits=bits, granularity=granularity, group_size=group_size)  # type: ignore[arg-type]
     r = _recipe(Recipe.for_task(t.name, spec), recipe, epochs=epochs, lr=lr, batch_size=batch_size,
@@ -143,7 +151,8 @@ def finetune(
     if epochs is not None:  # an explicit --epochs is exact
         r = replace(r, min_examples=None)
     ck = _finetune(spec, t, r, output, init=init, qat=q if qat else None, include_in_proj=in_proj,
-                   eval_quant=q if (qat or ptq_log) else None, progress=not quiet)
+                   eval_quant=q if (qat or ptq_log) else None, progress=not quiet, device=device,
+                   weights=weights)
     _report_training(ck, output)
 
 
