@@ -189,6 +189,7 @@ def _matches(job: Job, meta: dict[str, str], theta0_fp: str | None) -> bool:
     """Does a checkpoint header record exactly this training job's inputs?"""
     from ..checkpoint import META_FINGERPRINT, META_KIND, META_MODEL, META_QUANT, META_TASK
     from ..models import ModelSpec
+    from ..recipe import Recipe
     from ..train import META_INCLUDE_IN_PROJ, META_RECIPE
 
     p = job.params
@@ -198,8 +199,8 @@ def _matches(job: Job, meta: dict[str, str], theta0_fp: str | None) -> bool:
     have_spec = ModelSpec.from_json(have)
     if (have_spec.family, have_spec.name, have_spec.options) != (want.family, want.name, want.options):
         return False
-    if not _same_json(meta.get(META_RECIPE), p["recipe"]):
-        return False
+    if META_RECIPE not in meta or Recipe.from_json(meta[META_RECIPE]) != Recipe.from_json(p["recipe"]):
+        return False  # compared as recipes: a header written before a field existed has that field's default
     if job.kind == "pretrain":
         return meta.get(META_KIND) == "pretrained" and meta.get(META_TASK) == f"pretrain:{Path(p['data_file']).stem}"
     kind = "qat" if p["qat"] else "ft"
