@@ -2,10 +2,11 @@
 
     python benchmarks/bench_train.py [--model vit-mini] [--steps 12] [--threads N] [--bits 3]
 
-One training step = forward + backward + gradient clip + AdamW step on a batch of 128 32x32 images (the recipe's
-batch). FT and QAT steps are timed alternately and the median is reported, so load from other processes on shared
-cores hits both alike. Evaluation = forward of 512-image batches under ``torch.inference_mode`` (the QAT model is
-timed while still prepared, i.e. quantizing its weights on the fly). Target: QAT step <= 1.3x FT step.
+One training step = forward + backward + gradient clip + AdamW step on a batch of 32x32 images (default: the small
+fine-tuning recipe's batch, 32). FT and QAT steps are timed alternately and the median is reported, so load from
+other processes on shared cores hits both alike. Evaluation = forward of 512-image batches under
+``torch.inference_mode`` (the QAT model is timed while still prepared, i.e. quantizing its weights on the fly).
+Target: QAT step <= 1.3x FT step.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from qvec.models import ModelSpec, build_model, get_adapter
 from qvec.qat import prepare_qat
 from qvec.quant import QuantSpec
+from qvec.recipe import SMALL_FINETUNE
 from qvec.train import trainable_parameters
 
 
@@ -53,8 +55,8 @@ def eval_time(model, x) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="vit-mini")
-    ap.add_argument("--steps", type=int, default=12)
-    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=24)
+    ap.add_argument("--batch", type=int, default=SMALL_FINETUNE.batch_size, help="default: the small FT recipe's")
     ap.add_argument("--eval-batch", type=int, default=512)
     ap.add_argument("--bits", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)

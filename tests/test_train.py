@@ -148,7 +148,9 @@ def test_recipe_defaults_and_errors():
     assert Recipe.for_task("GTSRB").epochs == 11 and Recipe.for_task("GTSRB").lr == 1e-5
     assert Recipe.for_task("mnist", ModelSpec("qvec", "vit-mini", 10)) == SMALL_FINETUNE
     assert Recipe.for_task("unknown").epochs == 1
-    assert SMALL_FINETUNE.epochs_for(9000) == 2 and SMALL_FINETUNE.epochs_for(864) == 21
+    r = Recipe(epochs=3, min_examples=27_000)
+    assert r.epochs_for(9000) == 3 and r.epochs_for(864) == 31 and r.epochs_for(100_000) == 3
+    assert SMALL_FINETUNE.min_examples and SMALL_FINETUNE.epochs_for(10) > SMALL_FINETUNE.epochs
     assert Recipe(epochs=3).epochs_for(10) == 3
     with pytest.raises(QvecError, match="batch_size must be a multiple of grad_accum"):
         Recipe(batch_size=10, grad_accum=3)

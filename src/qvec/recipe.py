@@ -123,4 +123,4 @@ class Recipe:
 # Measured on 2 CPU cores (docs/training.md): both fit the replication's 90-minute budget.
 SMALL_PRETRAIN = Recipe(lr=1e-3, weight_decay=0.05, warmup_steps=300, batch_size=64, epochs=8,
                         label_smoothing=0.1, augment=True, hflip=True)
-SMALL_FINETUNE = Recipe(lr=3e-4, weight_decay=0.1, warmup_steps=50, batch_size=128, epochs=2, min_examples=18_000)
+SMALL_FINETUNE = Recipe(lr=1e-3, weight_decay=0.1, warmup_steps=100, batch_size=32, epochs=3, min_examples=27_000)

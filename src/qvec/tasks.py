@@ -207,7 +207,8 @@ class ArraySplit(TaskSplit):
         h, w = self.images.shape[-2:]
         return int(h) if h == w else None
 
-    def load(self, indices, size=None, interpolation="bilinear") -> torch.Tensor:
+    def load(self, indices: Sequence[int] | torch.Tensor, size: int | None = None,
+             interpolation: str = "bilinear") -> torch.Tensor:
         idx = torch.as_tensor(indices, dtype=torch.long)
         x = self.images.index_select(0, idx).float().div_(255.0)
         return x if size is None else resize_batch(x, size, interpolation)
@@ -221,7 +222,8 @@ class HFSplit(TaskSplit):
         self.ds = ds
         self.image_column = image_column
 
-    def load(self, indices, size=None, interpolation="bilinear") -> torch.Tensor:
+    def load(self, indices: Sequence[int] | torch.Tensor, size: int | None = None,
+             interpolation: str = "bilinear") -> torch.Tensor:
         from PIL import Image
 
         out = []
@@ -251,7 +253,8 @@ class SubsetSplit(TaskSplit):
     def native_size(self) -> int | None:
         return self.base.native_size
 
-    def load(self, indices, size=None, interpolation="bilinear") -> torch.Tensor:
+    def load(self, indices: Sequence[int] | torch.Tensor, size: int | None = None,
+             interpolation: str = "bilinear") -> torch.Tensor:
         idx = self.indices.index_select(0, torch.as_tensor(indices, dtype=torch.long))
         return self.base.load(idx, size, interpolation)
 
