@@ -239,13 +239,17 @@ class GridConfig:
                 raise QvecError(f"{self.source}: recipe.tasks.{t}: {t!r} is not one of the grid's tasks")
 
     def _validate_tasks(self) -> None:
-        from ..tasks import list_tasks
+        """With a data folder, tasks are its file stems (or ``hf:NAME``); without one, the paper's task names."""
+        from ..tasks import PAPER_TASKS, local_task_files, resolve_data_dir
 
-        known = list_tasks(self.data_path())
+        folder = resolve_data_dir(self.data_path())
+        local = list(local_task_files(folder))
         for t in self.all_tasks:
-            if t not in known:
-                hint = f"known: {', '.join(known)}" if known else "no tasks found in the data folder"
-                raise QvecError(f"{self.source}: unknown task {t!r} ({hint})")
+            if t.startswith("hf:") or t in local or (folder is None and t in PAPER_TASKS):
+                continue
+            where = f"{folder} has: {', '.join(local) or 'no .npz tasks'}" if folder is not None else (
+                f"no data folder (--data or $QVEC_DATA); paper tasks: {', '.join(PAPER_TASKS)}")
+            raise QvecError(f"{self.source}: unknown task {t!r} ({where})")
 
 
 # ------------------------------------------------------------------------------------------------ loading
