@@ -67,6 +67,7 @@ def cluster():
         head.wait(timeout=60)
 
 
+@pytest.mark.slow
 def test_ray_grid_matches_local(tmp_path, cluster):
     cfg = load_config(write_tiny_config(tmp_path))
     marker = tmp_path / "crashed"

@@ -13,6 +13,8 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from .grid_helpers import table, write_tiny_config
 
 
@@ -57,6 +59,7 @@ def _finish(proc: subprocess.Popen) -> str:
     return out
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_then_restart_matches_uninterrupted(tmp_path):
     config = write_tiny_config(tmp_path)
     ref, killed = tmp_path / "ref", tmp_path / "killed"
