@@ -195,6 +195,20 @@ def test_hf_test_split_and_columns_follow_spec(tmp_path):
     assert load_hf_task("CIFAR100", tmp_path).num_classes == 100
 
 
+def test_hf_webdataset_columns_and_names_from_table(tmp_path):
+    """FER2013 on the Hub is a webdataset: image in ``jpg``, integer label in ``cls``, no class names."""
+    import datasets
+    from PIL import Image
+
+    imgs = [Image.fromarray(np.full((48, 48), 10 * i, np.uint8)) for i in range(14)]
+    feats = datasets.Features({"jpg": datasets.Image(), "cls": datasets.Value("int64")})
+    ds = datasets.Dataset.from_dict({"jpg": imgs, "cls": [i % 7 for i in range(14)]}, features=feats)
+    datasets.DatasetDict({"train": ds, "test": ds}).save_to_disk(str(tmp_path / "clip-benchmark/wds_fer2013"))
+    task = load_hf_task("FER2013", tmp_path)
+    assert task.classes[0] == "angry" and task.num_classes == 7 and task.epochs == 10
+    assert task.split("test").load([3], 32).shape == (1, 3, 32, 32)
+
+
 def test_hf_dataset_by_local_folder(tmp_path):
     path = _save_hf(tmp_path, "someone/tiny", 3)
     task = get_task(f"hf:{path}")
