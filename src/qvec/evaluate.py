@@ -23,6 +23,10 @@ from .quant import QuantSpec, quantize_
 from .tasks import Task
 
 SMALL_VIT_MEAN = (0.5, 0.5, 0.5)
+# Default evaluation batch: on CPU small batches keep activations in cache (vit-mini, 1 thread: 600 img/s at 64,
+# 390 img/s at 512); on a GPU large batches fill the device.
+CPU_EVAL_BATCH = 64
+GPU_EVAL_BATCH = 512
 
 
 @dataclass(frozen=True)
@@ -93,7 +97,7 @@ def evaluate(
     task: Task,
     split: str = "test",
     *,
-    batch_size: int = 512,
+    batch_size: int | None = None,
     limit: int | None = None,
     progress: bool = False,
     config: DataConfig | ModelSpec | None = None,
@@ -102,7 +106,8 @@ def evaluate(
     """Top-1 of ``model`` on a split of ``task`` (first ``limit`` examples if given).
 
     ``config`` is the model's input configuration (a ModelSpec resolves it through its adapter); by default it is
-    inferred from the model. The model is put in eval mode for the call and its previous mode restored.
+    inferred from the model. ``batch_size`` defaults to 64 on CPU (faster than large batches there) and 512 on a
+    GPU. The model is put in eval mode for the call and its previous mode restored.
     """
     if isinstance(config, ModelSpec):
         config = get_adapter(config).data_config(config, model)
@@ -118,6 +123,8 @@ def evaluate(
     model.eval()
     device = model_device(model)
     labels = labels.to(device)
+    if batch_size is None:
+        batch_size = GPU_EVAL_BATCH if device.type == "cuda" else CPU_EVAL_BATCH
     correct = 0
     bar = None
     t0 = time.perf_counter()
@@ -177,7 +184,7 @@ def evaluate_checkpoint(
     quant: QuantSpec | None = None,
     include_in_proj: bool = True,
     *,
-    batch_size: int = 512,
+    batch_size: int | None = None,
     limit: int | None = None,
     progress: bool = False,
     check_classes: bool = True,

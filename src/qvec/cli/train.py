@@ -180,7 +180,8 @@ def eval_cmd(
     arch: Annotated[str | None, typer.Option("--arch", help="Architecture of a checkpoint without qvec header.")]
     = None,
     data: DataDir = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Evaluation batch size.")] = 512,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Evaluation batch size (default: 64 on "
+                                                   "CPU, 512 on GPU).")] = None,
     limit: Annotated[int | None, typer.Option("--limit", help="Evaluate the first N examples only.")] = None,
     threads: Threads = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
