@@ -20,6 +20,15 @@ def shared_data_dir() -> Path | None:
     return cand if (cand / "mnist.npz").is_file() else None
 
 
+@pytest.fixture(scope="module")
+def one_thread_module():
+    """Tiny models run fastest on one thread; two threads on shared, busy cores are up to 10x slower."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture
 def nano_spec() -> ModelSpec:
     return ModelSpec("qvec", "vit-nano", 10)

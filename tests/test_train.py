@@ -24,12 +24,8 @@ Q3 = QuantSpec(3)
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread; two threads on shared, busy cores are up to 10x slower."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+def _one_thread(one_thread_module):
+    """Tiny models here run on one thread (see conftest.one_thread_module)."""
 
 
 @pytest.fixture(scope="module")
