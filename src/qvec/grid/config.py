@@ -52,7 +52,8 @@ class EvalConfig:
     test_limit: int | None = None
     #: "selected": test only at lambda = 1 and lambda* (val picks lambda*); "all": test at every lambda too.
     test_lambdas: str = "selected"
-    batch_size: int = 512
+    #: None: ``qvec.evaluate``'s device default (64 on CPU, where small batches are faster).
+    batch_size: int | None = None
 
 
 @dataclass
@@ -191,7 +192,8 @@ class GridConfig:
         if ev.test_lambdas not in TEST_LAMBDAS:
             choices = ", ".join(TEST_LAMBDAS)
             raise QvecError(f"{src}: eval.test_lambdas must be one of {choices}, got {ev.test_lambdas!r}")
-        if isinstance(ev.batch_size, bool) or not isinstance(ev.batch_size, int) or ev.batch_size < 1:
+        if ev.batch_size is not None and (isinstance(ev.batch_size, bool) or not isinstance(ev.batch_size, int)
+                                          or ev.batch_size < 1):
             raise QvecError(f"{src}: eval.batch_size must be a positive integer, got {ev.batch_size!r}")
         self._validate_backbone()
         self._validate_recipes()

@@ -288,7 +288,7 @@ def summary_table(data: StudyData) -> Table:
             b, len(pairs), _mean(loss), _mean(gains),
             _mean(d1), statistics.median(d1) if d1 else NAN, 100.0 * sum(x > 0 for x in d1) / len(d1) if d1 else NAN,
             _mean(ds), 100.0 * sum(x > 0 for x in ds) / len(ds) if ds else NAN,
-            statistics.median(lams) if lams else NAN,
+            f"{statistics.median(lams):g}" if lams else "–",
             _mean(p.recovery(p.delta_l1) for p in pairs), _mean(p.recovery(p.delta_star) for p in pairs),
         ])
     return Table("summary", "Headline numbers per bit-width (transfer pairs, self-pairs excluded)",
