@@ -546,7 +546,9 @@ def test_paper_configs():
 
 
 @pytest.mark.parametrize("path", PAPER_CONFIGS, ids=lambda p: p.stem)
-def test_paper_configs_load_in_the_grid(path, offline):
+def test_paper_configs_load_in_the_grid(path, offline, tmp_path, monkeypatch):
+    """They load with or without a local data folder: paper task names fall back to Hugging Face."""
     grid = pytest.importorskip("qvec.grid.config")
+    monkeypatch.setenv("QVEC_DATA", str(tmp_path))
     cfg = grid.load_config(path)
     assert cfg.model_spec().family in ("open_clip", "hf-clip", "timm") and len(cfg.all_tasks) == 22

@@ -184,6 +184,15 @@ def test_hf_paper_task_from_local_mirror(tmp_path):
     assert task.split("val").tensors(cfg).shape == (3, 3, 32, 32)
 
 
+def test_paper_name_missing_from_data_folder_loads_from_hf(tmp_path):
+    """A SPEC task name the data folder lacks is the paper's Hugging Face task (as the paper configs expect)."""
+    data = tmp_path / "data"
+    write_task(data, "fashion_mnist")
+    _save_hf(tmp_path / "hf", "ylecun/mnist", 10)
+    task = get_task("MNIST", data, hf_root=tmp_path / "hf")
+    assert task.name == "MNIST" and len(task.split("test")) == 12
+
+
 def test_hf_test_split_and_columns_follow_spec(tmp_path):
     _save_hf(tmp_path, "ethz/food101", 101, test_split="validation")
     assert len(load_hf_task("Food101", tmp_path).split("test")) == 12

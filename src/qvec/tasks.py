@@ -506,9 +506,10 @@ def task_summaries(data_dir: str | Path | None = None) -> list[TaskInfo]:
 def get_task(name: str, data_dir: str | Path | None = None, *, hf_root: str | Path | None = None) -> Task:
     """A task by name, loaded once per process.
 
-    ``name`` is a local file stem (``mnist``), a paper task (``MNIST``: the local file when the data folder has
-    it, else Hugging Face), or ``hf:<paper task | dataset id | saved folder>`` to force Hugging Face. When a data
-    folder is configured and lacks a task, that is an error rather than a silent multi-GB download.
+    ``name`` is a local file stem (``mnist``), a paper task by its SPEC name (``MNIST``, ``Cars``: the local file
+    when the data folder has it, else Hugging Face), or ``hf:<paper task | dataset id | saved folder>`` to force
+    Hugging Face. Any other name the data folder lacks is an error (with the ``hf:`` spelling as a hint), so a
+    lower-case local name never turns into a download.
     """
     hf_root = hf_root if hf_root is not None else os.environ.get(HF_ROOT_ENV) or None
     if name.startswith("hf:"):
@@ -526,7 +527,7 @@ def get_task(name: str, data_dir: str | Path | None = None, *, hf_root: str | Pa
             stat = match.stat()
             key = ("npz", str(match.resolve()), stat.st_mtime_ns, stat.st_size)
             loader = lambda: load_npz_task(match)  # noqa: E731
-        elif d is not None:
+        elif d is not None and name not in PAPER_TASKS:
             hint = f"; use hf:{paper_task(name).name} to load it from Hugging Face" if paper_task(name) else ""
             raise QvecError(f"{d}: no task {name!r} (has: {', '.join(local) or 'none'}){hint}")
         elif paper_task(name) is not None:

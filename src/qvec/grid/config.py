@@ -241,16 +241,18 @@ class GridConfig:
                 raise QvecError(f"{self.source}: recipe.tasks.{t}: {t!r} is not one of the grid's tasks")
 
     def _validate_tasks(self) -> None:
-        """With a data folder, tasks are its file stems (or ``hf:NAME``); without one, the paper's task names."""
+        """Tasks are the data folder's file stems, the paper's task names (Hugging Face unless the folder has them),
+        or ``hf:NAME``, exactly as :func:`qvec.tasks.get_task` will resolve them in the workers."""
         from ..tasks import PAPER_TASKS, local_task_files, resolve_data_dir
 
         folder = resolve_data_dir(self.data_path())
         local = list(local_task_files(folder))
         for t in self.all_tasks:
-            if t.startswith("hf:") or t in local or (folder is None and t in PAPER_TASKS):
+            if t.startswith("hf:") or t in local or t in PAPER_TASKS:
                 continue
-            where = f"{folder} has: {', '.join(local) or 'no .npz tasks'}" if folder is not None else (
-                f"no data folder (--data or $QVEC_DATA); paper tasks: {', '.join(PAPER_TASKS)}")
+            where = f"{folder} has: {', '.join(local) or 'no .npz tasks'}; " if folder is not None else (
+                "no data folder (--data or $QVEC_DATA); ")
+            where += f"paper tasks: {', '.join(PAPER_TASKS)}"
             raise QvecError(f"{self.source}: unknown task {t!r} ({where})")
 
 
