@@ -2,25 +2,34 @@
 
 ``run_grid(load_config(path), db=..., artifacts=...)`` runs (or resumes) a whole study; ``write_report(db, out)``
 turns its database into the paper's tables and figures. See docs/grid.md.
+
+Names are imported lazily, so that a worker process can import :mod:`qvec.grid.workerinit` without torch.
 """
 
-from .config import DEFAULT_LAMBDAS, GridConfig, load_config
-from .plan import Plan, build_plan, describe_plan, select_lambda
-from .run import RunSummary, default_paths, job_status, run_grid
-from .store import Result, ResultStore
+from __future__ import annotations
 
-__all__ = [
-    "DEFAULT_LAMBDAS",
-    "GridConfig",
-    "Plan",
-    "Result",
-    "ResultStore",
-    "RunSummary",
-    "build_plan",
-    "default_paths",
-    "describe_plan",
-    "job_status",
-    "load_config",
-    "run_grid",
-    "select_lambda",
-]
+import importlib
+
+_EXPORTS = {
+    "DEFAULT_LAMBDAS": "config",
+    "GridConfig": "config",
+    "load_config": "config",
+    "Plan": "plan",
+    "build_plan": "plan",
+    "describe_plan": "plan",
+    "select_lambda": "plan",
+    "RunSummary": "run",
+    "default_paths": "run",
+    "job_status": "run",
+    "run_grid": "run",
+    "Result": "store",
+    "ResultStore": "store",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)

@@ -133,17 +133,6 @@ class ParallelExecutor(Executor):
                             f"{skipped}; finished results are saved, rerun to continue")
 
 
-def _pool_init() -> None:
-    """Pool worker start-up: die with the driver (so a killed run leaves no orphan writing artifacts)."""
-    try:
-        import ctypes
-        import signal
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # not Linux: workers notice the closed pipe and exit instead
-        pass
-
-
 def _call_runner(runner: Runner, job: Job, threads: int | None = None) -> JobOutput:
     """Run one job with ``runner`` in a worker process, with ``threads`` torch threads."""
     if threads is not None:
@@ -168,7 +157,10 @@ class PoolExecutor(ParallelExecutor):
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor
 
-        self._pool = ProcessPoolExecutor(self.slots, mp_context=mp.get_context("spawn"), initializer=_pool_init)
+        from .workerinit import die_with_parent
+
+        self._pool = ProcessPoolExecutor(self.slots, mp_context=mp.get_context("spawn"), initializer=die_with_parent,
+                                         initargs=(os.getpid(),))
 
     def _stop(self) -> None:
         if self._pool is not None:
