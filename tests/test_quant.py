@@ -7,7 +7,15 @@ import torch
 from torch import nn
 
 from qvec.errors import QvecError
-from qvec.quant import QuantSpec, dequantize_codes, fake_quantize, find_targets, quantize_, quantize_codes
+from qvec.quant import (
+    QuantSpec,
+    dequantize_codes,
+    fake_quantize,
+    fake_quantize_,
+    find_targets,
+    quantize_,
+    quantize_codes,
+)
 
 
 def test_spec_grid():
@@ -78,6 +86,21 @@ def test_codes_roundtrip_equals_fake_quant(spec):
     err = (fake_quantize(w, spec) - w).abs()
     step = scale.expand(-1, levels.shape[1]).reshape(w.shape) if spec.granularity != "tensor" else scale
     assert (err <= step / 2 + 1e-6).all()
+
+
+@pytest.mark.parametrize("gran", ["channel", "tensor", "group"])
+def test_non_contiguous_weight_is_quantized(gran):
+    """A transposed view (as a .pt state dict may hold) is quantized in place like its contiguous copy."""
+    torch.manual_seed(0)
+    spec = QuantSpec(3, granularity=gran, group_size=8)
+    w = torch.randn(16, 32).t()
+    assert not w.is_contiguous()
+    expected = fake_quantize(w.contiguous(), spec)
+    assert torch.equal(fake_quantize(w, spec), expected)
+    fake_quantize_(w, spec)
+    assert torch.equal(w, expected)
+    levels, scale, zero = quantize_codes(w, spec)
+    assert torch.equal(dequantize_codes(levels, scale, zero, spec, w.shape), expected)
 
 
 def test_levels_count_and_8bit_near_lossless():

@@ -133,10 +133,15 @@ def _fake_quant_rows_(g: torch.Tensor, spec: QuantSpec) -> None:
 def fake_quantize_(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """Replace ``w`` in place by its quantize-dequantize reconstruction ``clamp(round(w/s), qmin, qmax) * s``.
 
-    Rows are processed in cache-sized blocks, so the several elementwise passes touch main memory once.
+    Rows are processed in cache-sized blocks, so the several elementwise passes touch main memory once. A
+    non-contiguous ``w`` (a transposed view from a state dict) is quantized through a contiguous copy, since the
+    grouped view of it would be a copy and the in-place result would be lost.
     """
     if not w.is_floating_point():
         raise QvecError(f"can only quantize floating-point tensors, got {w.dtype}")
+    if not w.is_contiguous():
+        w.detach().copy_(fake_quantize_(w.detach().contiguous(), spec))
+        return w
     if spec.granularity == "tensor":
         g = w.detach().reshape(1, -1)
         work = g if w.dtype == torch.float32 else g.float()
@@ -157,7 +162,7 @@ def fake_quantize_(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
 
 def fake_quantize(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """Out-of-place RTN reconstruction of ``w`` (differentiable only through the STE in :mod:`qvec.qat`)."""
-    return fake_quantize_(w.detach().clone(), spec)
+    return fake_quantize_(w.detach().clone(memory_format=torch.contiguous_format), spec)
 
 
 # ----------------------------------------------------------------------------------------------- targets
