@@ -11,9 +11,9 @@ import torch
 from qvec.checkpoint import read_safetensors
 from qvec.errors import QvecError
 from qvec.models import ModelSpec, load_model
-from qvec.pack import CODES, SCALE, ZERO, load_packed, pack_bits, pack_checkpoint, unpack_bits
+from qvec.pack import CODES, SCALE, ZERO, load_packed, pack_bits, pack_checkpoint, pack_state, unpack_bits, unpack_state
 from qvec.ptq import quantize_checkpoint, target_keys
-from qvec.quant import QuantSpec
+from qvec.quant import QuantSpec, fake_quantize
 
 from .conftest import make_ckpt
 
@@ -68,6 +68,19 @@ def test_packed_model_matches_fake_quantized(quant, tmp_path, nano_spec):
     with torch.inference_mode():
         torch.testing.assert_close(m_packed(x), m_ptq(x), atol=1e-3, rtol=1e-3)
     assert report.num_quantized == len(target_keys(nano_spec))
+
+
+def test_fp16_scales_fall_back_to_fp32_outside_fp16_range():
+    """Tiny rows would get subnormal (or zero) fp16 scales, huge ones infinite: those tensors keep fp32 scales."""
+    torch.manual_seed(0)
+    quant = QuantSpec(3)
+    for factor in (1e-5, 1e-9, 1e6):
+        state = {"w": torch.randn(4, 64) * factor, "ok": torch.randn(4, 64)}
+        tensors, shapes = pack_state(state, ["w", "ok"], quant)
+        assert tensors["w" + SCALE].dtype == torch.float32 and tensors["ok" + SCALE].dtype == torch.float16
+        meta = {"qvec.packed": json.dumps({"quant": quant.to_dict(), "shapes": shapes,
+                                           "dtypes": {"w": "float32", "ok": "float32"}})}
+        assert torch.equal(unpack_state(tensors, meta)["w"], fake_quantize(state["w"], quant))
 
 
 def test_3bit_size_ratio(tmp_path):

@@ -4,7 +4,9 @@ A 3-bit weight really takes 3 bits: codes are stored as unsigned levels (``q - q
 uint8 stream; scales are fp16 (one per row or group) and zero points uint8 (asymmetric only). Every other tensor
 is stored as is. Dequantizing gives ``(level + qmin - zero) * scale16``; with fp32 scales (``scale_dtype``) it
 equals :func:`qvec.quant.fake_quantize` exactly, and with fp16 scales each weight differs from it by at most
-``max|q - zero| * |scale32 - scale16| <= 2**bits * scale32 * 2**-11`` (fp16 keeps 11 significant bits).
+``max|q - zero| * |scale32 - scale16| <= 2**bits * scale32 * 2**-11`` (fp16 keeps 11 significant bits). The bound
+needs normal fp16 numbers, so a tensor whose scales fall outside fp16's normal range (rows of magnitude below
+about 1e-4, or huge ones) keeps its scales in fp32.
 """
 
 from __future__ import annotations
@@ -61,6 +63,16 @@ class PackReport:
         return self.quantized_packed_bytes / max(1, self.quantized_fp32_bytes)
 
 
+_FP16 = torch.finfo(torch.float16)
+
+
+def _scale_dtype_for(scale: torch.Tensor, wanted: torch.dtype) -> torch.dtype:
+    """``wanted``, unless fp16 was asked for and a scale would be subnormal or infinite in it (then fp32)."""
+    if wanted == torch.float16 and (scale.min() < _FP16.smallest_normal or scale.max() > _FP16.max):
+        return torch.float32
+    return wanted
+
+
 def pack_state(
     state: dict[str, torch.Tensor], keys: list[str], quant: QuantSpec, scale_dtype: torch.dtype = torch.float16
 ) -> tuple[dict[str, torch.Tensor], dict[str, list[int]]]:
@@ -74,7 +86,7 @@ def pack_state(
             continue
         levels, scale, zero = quantize_codes(t, quant)
         out[k + CODES] = torch.from_numpy(pack_bits(levels.numpy(), quant.bits))
-        out[k + SCALE] = scale.to(scale_dtype)
+        out[k + SCALE] = scale.to(_scale_dtype_for(scale, scale_dtype))
         if zero is not None:
             out[k + ZERO] = zero.to(torch.uint8)
         shapes[k] = list(t.shape)
