@@ -104,3 +104,18 @@ def test_plan_command(tmp_path, data_dir, capsys):
     assert "cells/w3/syn_shapes->syn_glyphs [pending]" not in text  # no database yet: no status column
     assert "cells/w3/syn_shapes->syn_glyphs  <- ft/syn_glyphs, vector/w3/syn_shapes" in text
     assert describe_plan(build_plan(load_config(p), tmp_path / "a")).count("\n") > 15
+
+
+def test_authors_in_proj_setting_quantizes_it_in_qat_only(tmp_path, data_dir):
+    """include_in_proj = false + qat_include_in_proj = true: QAT sees in_proj_weight, PTQ leaves it in float."""
+    default = _plan(tmp_path, data_dir)
+    explicit = _plan(tmp_path, data_dir, extra="qat_include_in_proj = true\n")
+    assert [(j.id, j.key) for j in default.jobs] == [(j.id, j.key) for j in explicit.jobs]
+    authors = _plan(tmp_path, data_dir, extra="include_in_proj = false\nqat_include_in_proj = true\n")
+    neither = _plan(tmp_path, data_dir, extra="include_in_proj = false\n")
+    qat, ft = authors.by_id["qat/w3/syn_glyphs"], authors.by_id["ft/syn_glyphs"]
+    assert qat.params["include_in_proj"] is True and qat.key == default.by_id[qat.id].key
+    assert neither.by_id[qat.id].params["include_in_proj"] is False and neither.by_id[qat.id].key != qat.key
+    assert ft.key == default.by_id[ft.id].key
+    for job_id in ("baseline/w3/syn_glyphs", "cells/w3/syn_glyphs->syn_shapes"):
+        assert authors.by_id[job_id].params["include_in_proj"] is False

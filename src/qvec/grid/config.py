@@ -82,6 +82,9 @@ class GridConfig:
     self_pairs: bool = True
     seeds: list[int] = field(default_factory=list)
     include_in_proj: bool = True
+    #: QAT's own in_proj switch (None: same as ``include_in_proj``). ``include_in_proj = false`` with this true is
+    #: the authors' OpenCLIP setting: QAT quantized the fused in_proj_weight, their PTQ left it in float.
+    qat_include_in_proj: bool | None = None
     model_options: dict = field(default_factory=dict)
     #: "pretrain" (train theta_0, see ``pretrain``), "hub" (the family's pretrained weights) or a weights file.
     backbone: str = ""
@@ -124,6 +127,10 @@ class GridConfig:
             return path
         base = Path(self.source).parent if self.source != "<flags>" else Path.cwd()
         return (base / path).resolve()
+
+    def qat_in_proj(self) -> bool:
+        """Whether QAT fake-quantizes the fused ``in_proj_weight`` (PTQ follows ``include_in_proj``)."""
+        return self.include_in_proj if self.qat_include_in_proj is None else self.qat_include_in_proj
 
     def data_path(self) -> Path | None:
         return self.resolve_path(self.data_dir) if self.data_dir else None
@@ -311,7 +318,7 @@ def config_from_dict(raw: Mapping[str, Any], source: str = "<flags>") -> GridCon
     for key in ("name", "model", "granularity", "backbone", "data_dir"):
         if key in raw:
             kw[key] = str(_expect(source, key, raw[key], str, "a string"))
-    for key in ("symmetric", "select_lambda", "self_pairs", "include_in_proj"):
+    for key in ("symmetric", "select_lambda", "self_pairs", "include_in_proj", "qat_include_in_proj"):
         if key in raw:
             kw[key] = _expect(source, key, raw[key], bool, "true or false")
     if "group_size" in raw:

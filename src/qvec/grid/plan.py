@@ -241,11 +241,12 @@ def build_plan(config: GridConfig, artifacts_root: str | Path) -> Plan:
                 q = quants[bits].to_dict() if bits is not None else None
                 inputs = {"model": spec.to_json(), "theta0": theta0["key"], "task": task, "data": task_ids[task],
                           "recipe": recipe.to_json(), "qat": q,
-                          "in_proj": config.include_in_proj if q else None}
+                          "in_proj": config.qat_in_proj() if q else None}
                 key = content_key("finetune", inputs)
                 kind_name = "ft" if bits is None else f"qat/w{bits}"
                 job = Job(f"{kind_name}/{task}{sfx}", "finetune", key, theta0_deps, {
-                    **common, "task": task, "recipe": recipe.to_json(), "init": theta0["path"], "qat": q,
+                    **common, "include_in_proj": config.qat_in_proj(), "task": task, "recipe": recipe.to_json(),
+                    "init": theta0["path"], "qat": q,
                     "seed": recipe.seed, "bits": bits, "out": str(store.path("finetune", key)),
                     "label": f"{'FT' if bits is None else f'QAT w{bits}'} {task}{sfx}"})
                 jobs.append(job)
