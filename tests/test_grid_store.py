@@ -43,6 +43,20 @@ def test_study_membership_and_reuse(tmp_path):
             store.resolve_study("nope")
 
 
+def test_a_changed_config_resets_the_study_membership_only(tmp_path):
+    """Rerunning a study name with another config must not mix the old config's rows into its report."""
+    with ResultStore(tmp_path / "r.db") as store:
+        store.register_study("s", {"granularity": "channel"})
+        store.add_results([_row("a"), _row("b")], "s")
+        store.add_trainings([Training("s", "k1", "ft", "r", None, 1, 3.0)])
+        store.register_study("s", {"granularity": "channel"})  # same config (a resume): nothing changes
+        assert store.count("s") == 2 and len(store.trainings("s")) == 1
+        store.register_study("s", {"granularity": "tensor"})
+        assert store.count("s") == 0 and store.trainings("s") == [] and store.count() == 2  # rows kept for reuse
+        store.link_results("s", ["b"])
+        assert [r.key for r in store.results("s")] == ["b"]
+
+
 def test_job_log_is_append_only_and_atomic_with_rows(tmp_path):
     with ResultStore(tmp_path / "r.db") as store:
         job = JobRecord(key="k1", kind="cells", label="cells w3 a -> b", study="s", bits=3, seconds=1.5)

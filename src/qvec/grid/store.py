@@ -157,9 +157,16 @@ class ResultStore:
 
     # ------------------------------------------------------------------------------------------- studies
     def register_study(self, name: str, config: dict) -> None:
+        """Record ``name``'s configuration. A changed configuration empties the study's membership (its rows and
+        trainings stay in the database for reuse): the run then links exactly what its new plan needs, so a report
+        never mixes rows of an earlier configuration (another granularity, recipe or evaluation limit)."""
+        text = json.dumps(config, sort_keys=True)
         with self.transaction():
-            self.conn.execute("INSERT OR REPLACE INTO studies VALUES (?, ?, ?)",
-                              (name, json.dumps(config, sort_keys=True), time.time()))
+            row = self.conn.execute("SELECT config FROM studies WHERE name=?", (name,)).fetchone()
+            if row is not None and row[0] != text:
+                self.conn.execute("DELETE FROM study_results WHERE study=?", (name,))
+                self.conn.execute("DELETE FROM trainings WHERE study=?", (name,))
+            self.conn.execute("INSERT OR REPLACE INTO studies VALUES (?, ?, ?)", (name, text, time.time()))
 
     def studies(self) -> list[str]:
         """Study names, most recently updated last."""
