@@ -6,7 +6,6 @@ activations in float. The paper default is 3-bit symmetric per-channel (one scal
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Literal
@@ -241,15 +240,3 @@ def quantize_state_dict_(
             raise QvecError(f"quantization target {k!r} is not in the checkpoint")
         fake_quantize_(state[k], spec)
     return state
-
-
-def quantization_error(w: torch.Tensor, spec: QuantSpec) -> float:
-    """Relative Frobenius error of RTN on ``w`` (a quick measure of how much PTQ hurts a tensor)."""
-    return float((fake_quantize(w, spec) - w).norm() / w.norm().clamp_min(_EPS))
-
-
-def packed_bits_per_weight(spec: QuantSpec, n_in: int) -> float:
-    """Bits per weight of a packed tensor, scales (fp16) and zero points included."""
-    per_row = {"channel": n_in, "tensor": math.inf, "group": spec.group_size}[spec.granularity]
-    overhead = (16 + (0 if spec.symmetric else 16)) / per_row
-    return spec.bits + overhead
