@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -65,6 +66,14 @@ def test_arithmetic(ckpts):
     assert set(v.norms()) == set(v.tensors)
     with pytest.raises(QvecError, match="mean of zero vectors"):
         QuantVector.mean([])
+
+
+def test_combining_vectors_of_different_quantizers_says_so(ckpts):
+    v = QuantVector.from_checkpoints(Checkpoint.load(ckpts["ft"]), Checkpoint.load(ckpts["qat"]))
+    assert (v + v).meta["qvec.quant"] == v.meta["qvec.quant"]
+    other = QuantVector(v.tensors, {**v.meta, "qvec.quant": json.dumps({"bits": 2})})
+    mixed = json.loads((v + other).meta["qvec.quant"])["mixed"]
+    assert mixed == [v.meta["qvec.quant"], json.dumps({"bits": 2})]
 
 
 def test_save_load_roundtrip_with_metadata(ckpts, tmp_path):

@@ -139,6 +139,9 @@ class QuantVector:
 
     def _combine_meta(self, other: QuantVector | None, op: str) -> dict[str, str]:
         meta = {k: v for k, v in self.meta.items() if k in (META_MODEL, META_FINGERPRINT, META_QUANT)}
+        if other is not None and other.meta.get(META_QUANT, "") != self.meta.get(META_QUANT, ""):
+            # e.g. a 2-bit and a 3-bit vector: legitimate arithmetic, but the result is no longer one quantizer's
+            meta[META_QUANT] = json.dumps({"mixed": [self.meta.get(META_QUANT, ""), other.meta.get(META_QUANT, "")]})
         donors = self.meta.get(META_DONOR, "?")
         meta[META_DONOR] = f"{op}({donors}{', ' + other.meta.get(META_DONOR, '?') if other else ''})"
         return meta
