@@ -135,3 +135,10 @@ def test_report_command(db, tmp_path, capsys):
         store.register_study("empty", {})
     with pytest.raises(QvecError, match="has no results yet"):
         write_report(tmp_path / "empty.db", tmp_path / "y")
+
+
+def test_median_lambda_over_seeds_is_on_the_grid_and_skips_missing():
+    from qvec.grid.report import _median_lambda
+
+    assert _median_lambda([0.3, 0.6]) == 0.3 and _median_lambda([float("nan"), 0.9, 1.2, 0.6]) == 0.9
+    assert math.isnan(_median_lambda([float("nan")]))

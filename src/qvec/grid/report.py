@@ -117,6 +117,12 @@ def _ordered(names: Iterable[str], preferred: Sequence[str]) -> list[str]:
     return [n for n in preferred if n in names] + sorted(names - set(preferred))
 
 
+def _median_lambda(lams: Sequence[float]) -> float:
+    """Median lambda* over seeds, ignoring seeds without one, and always a value of the grid (the lower median)."""
+    known = [lam for lam in lams if not math.isnan(lam)]
+    return statistics.median_low(known) if known else NAN
+
+
 def load_study(store: ResultStore, study: str | None = None) -> StudyData:
     """Collect a study's rows into baselines, pairs (with lambda* re-derived from validation) and costs."""
     study = store.resolve_study(study)
@@ -158,7 +164,7 @@ def load_study(store: ResultStore, study: str | None = None) -> StudyData:
     pairs = []
     for (bits, donor, recv), vals in sorted(per_pair.items()):
         pairs.append(Pair(bits, donor, recv, _mean(a for a, _, _ in vals), _mean(s for _, s, _ in vals),
-                          statistics.median(lam for _, _, lam in vals),
+                          _median_lambda([lam for _, _, lam in vals]),
                           baselines.get(("ft_ptq", recv, bits), NAN), baselines.get(("qat_ptq", recv, bits), NAN)))
     tasks = config.get("tasks", [])
     receivers = _ordered({r.receiver for r in rows}, config.get("receivers") or tasks)
