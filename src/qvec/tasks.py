@@ -503,13 +503,30 @@ def task_summaries(data_dir: str | Path | None = None) -> list[TaskInfo]:
     return rows
 
 
+def locate_task(name: str, data_dir: Path | None, local: dict[str, Path]) -> Path | str | None:
+    """Where :func:`get_task` finds ``name``: its ``.npz`` file in ``local`` (the data folder's task files),
+    ``"hf"`` for Hugging Face, or None when it cannot. The one rule, shared with the grid's config check.
+
+    A paper task by its SPEC name (``MNIST``, ``Cars``) is the local file when the folder has it, else Hugging
+    Face; any other name the folder lacks is unknown, so a lower-case local name never turns into a download.
+    """
+    if name.startswith("hf:"):
+        return "hf"
+    match = local.get(name) or next((p for n, p in local.items() if _norm(n) == _norm(name)), None)
+    pt = paper_task(name)
+    if match is None and pt is not None:
+        match = next((p for n, p in local.items() if paper_task(n) is pt), None)
+    if match is not None:
+        return match
+    return "hf" if pt is not None and (data_dir is None or name in PAPER_TASKS) else None
+
+
 def get_task(name: str, data_dir: str | Path | None = None, *, hf_root: str | Path | None = None) -> Task:
     """A task by name, loaded once per process.
 
     ``name`` is a local file stem (``mnist``), a paper task by its SPEC name (``MNIST``, ``Cars``: the local file
     when the data folder has it, else Hugging Face), or ``hf:<paper task | dataset id | saved folder>`` to force
-    Hugging Face. Any other name the data folder lacks is an error (with the ``hf:`` spelling as a hint), so a
-    lower-case local name never turns into a download.
+    Hugging Face (see :func:`locate_task`). An unknown name is an error with the ``hf:`` spelling as a hint.
     """
     hf_root = hf_root if hf_root is not None else os.environ.get(HF_ROOT_ENV) or None
     if name.startswith("hf:"):
@@ -518,21 +535,17 @@ def get_task(name: str, data_dir: str | Path | None = None, *, hf_root: str | Pa
     else:
         d = resolve_data_dir(data_dir)
         local = local_task_files(d)
-        match = local.get(name) or next((p for n, p in local.items() if _norm(n) == _norm(name)), None)
-        if match is None:
-            pt = paper_task(name)
-            if pt is not None and pt.name in {paper_task(n).name for n in local if paper_task(n)}:
-                match = next(p for n, p in local.items() if paper_task(n) is pt)
-        if match is not None:
-            stat = match.stat()
-            key = ("npz", str(match.resolve()), stat.st_mtime_ns, stat.st_size)
-            loader = lambda: load_npz_task(match)  # noqa: E731
-        elif d is not None and name not in PAPER_TASKS:
-            hint = f"; use hf:{paper_task(name).name} to load it from Hugging Face" if paper_task(name) else ""
-            raise QvecError(f"{d}: no task {name!r} (has: {', '.join(local) or 'none'}){hint}")
-        elif paper_task(name) is not None:
+        where = locate_task(name, d, local)
+        if isinstance(where, Path):
+            stat = where.stat()
+            key = ("npz", str(where.resolve()), stat.st_mtime_ns, stat.st_size)
+            loader = lambda: load_npz_task(where)  # noqa: E731
+        elif where == "hf":
             key = ("hf", paper_task(name).name, str(hf_root))
             loader = lambda: load_hf_task(name, hf_root)  # noqa: E731
+        elif d is not None:
+            hint = f"; use hf:{paper_task(name).name} to load it from Hugging Face" if paper_task(name) else ""
+            raise QvecError(f"{d}: no task {name!r} (has: {', '.join(local) or 'none'}){hint}")
         else:
             raise QvecError(f"unknown task {name!r}; known: {', '.join(PAPER_TASKS)} (or set --data / ${DATA_ENV})")
     with _CACHE_LOCK:

@@ -250,12 +250,12 @@ class GridConfig:
     def _validate_tasks(self) -> None:
         """Tasks are the data folder's file stems, the paper's task names (Hugging Face unless the folder has them),
         or ``hf:NAME``, exactly as :func:`qvec.tasks.get_task` will resolve them in the workers."""
-        from ..tasks import PAPER_TASKS, local_task_files, resolve_data_dir
+        from ..tasks import PAPER_TASKS, local_task_files, locate_task, resolve_data_dir
 
         folder = resolve_data_dir(self.data_path())
-        local = list(local_task_files(folder))
+        local = local_task_files(folder)
         for t in self.all_tasks:
-            if t.startswith("hf:") or t in local or t in PAPER_TASKS:
+            if locate_task(t, folder, local) is not None:
                 continue
             where = f"{folder} has: {', '.join(local) or 'no .npz tasks'}; " if folder is not None else (
                 "no data folder (--data or $QVEC_DATA); ")
