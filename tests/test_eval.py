@@ -17,9 +17,7 @@ from .tinytask import write_task
 SPEC = ModelSpec("qvec", "vit-nano", 4)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread(one_thread_module):
-    """Tiny models here run on one thread (see conftest.one_thread_module)."""
+pytestmark = pytest.mark.usefixtures("one_thread_module")  # tiny models run fastest on one thread
 
 
 @pytest.fixture(scope="module")

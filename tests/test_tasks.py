@@ -28,9 +28,7 @@ from .tinytask import CLASSES, write_jpeg_corpus, write_task
 LOCAL = ["mnist", "fashion_mnist", "cifar10", "gtsrb", "fer2013", "dtd10", "sign_digits"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread(one_thread_module):
-    """Tiny models here run on one thread (see conftest.one_thread_module)."""
+pytestmark = pytest.mark.usefixtures("one_thread_module")  # tiny models run fastest on one thread
 
 
 def shared_data() -> Path | None:

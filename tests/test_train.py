@@ -23,9 +23,7 @@ TINY = Recipe(lr=2e-3, warmup_steps=2, batch_size=32, epochs=2, train_limit=96)
 Q3 = QuantSpec(3)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread(one_thread_module):
-    """Tiny models here run on one thread (see conftest.one_thread_module)."""
+pytestmark = pytest.mark.usefixtures("one_thread_module")  # tiny models run fastest on one thread
 
 
 @pytest.fixture(scope="module")
