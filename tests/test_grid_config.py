@@ -72,6 +72,7 @@ def test_flags_override_the_file(tmp_path, data_dir):
         (("epochs = 1\ntrain_limit = 128", "epochs = 1\ntrain_limt = 128"), "recipe.train_limt is not a recipe field"),
         (('data = "pretrain_synthetic.npz"', 'data = "missing.npz"'), "no such file"),
         (('model = "qvec:vit-nano"', 'model = "qvec:vit-nano"\nbackbone = "/no/such/file"'), "backbone"),
+        (('model = "qvec:vit-nano"', 'model = "qvec:vit-nano"\nprofile = "best"'), "profile: unknown recipe profile"),
     ],
 )
 def test_bad_configs_are_one_line_errors(tmp_path, data_dir, change, message):

@@ -10,8 +10,12 @@ from qvec.cli import main
 from qvec.errors import QvecError
 from qvec.grid import build_plan, describe_plan, load_config, select_lambda
 from qvec.grid.plan import cell_key, lambdas_on_test
+from qvec.recipe import QUALITY_FINETUNE, QUALITY_PRETRAIN, SMALL_FINETUNE, SMALL_PRETRAIN, Recipe
 
+from .conftest import shared_data_dir
 from .grid_helpers import tiny_config_text, tiny_suite
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -119,3 +123,17 @@ def test_authors_in_proj_setting_quantizes_it_in_qat_only(tmp_path, data_dir):
     assert ft.key == default.by_id[ft.id].key
     for job_id in ("baseline/w3/syn_glyphs", "cells/w3/syn_glyphs->syn_shapes"):
         assert authors.by_id[job_id].params["include_in_proj"] is False
+
+
+@pytest.mark.parametrize("name, pre, ft", [("mini", SMALL_PRETRAIN, SMALL_FINETUNE),
+                                           ("mini-quality", QUALITY_PRETRAIN, QUALITY_FINETUNE)])
+def test_shipped_replication_configs_train_with_their_profile(name, pre, ft, tmp_path):
+    data = shared_data_dir()
+    if data is None:
+        pytest.skip("../shared/data (or $QVEC_DATA) is absent: the shipped configs need the real task files")
+    plan = build_plan(load_config(REPO / "configs" / f"{name}.toml", {"data_dir": str(data)}), tmp_path / "a")
+    recipes = {j.kind: set() for j in plan.jobs}
+    for j in plan.jobs:
+        if "recipe" in j.params:
+            recipes[j.kind].add(Recipe.from_json(j.params["recipe"]))
+    assert recipes["pretrain"] == {pre} and recipes["finetune"] == {ft}

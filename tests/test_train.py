@@ -12,7 +12,7 @@ from qvec.cli import main
 from qvec.errors import QvecError
 from qvec.models import ModelSpec, get_adapter
 from qvec.quant import QuantSpec
-from qvec.recipe import SMALL_FINETUNE, Recipe
+from qvec.recipe import QUALITY_FINETUNE, QUALITY_PRETRAIN, SMALL_FINETUNE, SMALL_PRETRAIN, Recipe
 from qvec.tasks import load_npz_task
 from qvec.train import finetune, log_path_for, lr_at, pretrain, state_path
 
@@ -140,12 +140,27 @@ def test_lr_schedule():
 
 def test_recipe_defaults_and_errors():
     assert Recipe.for_task("GTSRB").epochs == 11 and Recipe.for_task("GTSRB").lr == 1e-5
-    assert Recipe.for_task("mnist", ModelSpec("qvec", "vit-mini", 10)) == SMALL_FINETUNE
+    mini = ModelSpec("qvec", "vit-mini", 10)
+    assert Recipe.for_task("mnist", mini) == QUALITY_FINETUNE == Recipe.for_task("mnist", mini, "quality")
+    assert Recipe.for_task("mnist", mini, "fast") == SMALL_FINETUNE
+    assert Recipe.for_pretraining(mini) == QUALITY_PRETRAIN and Recipe.for_pretraining(mini, "fast") == SMALL_PRETRAIN
     assert Recipe.for_task("unknown").epochs == 1
     r = Recipe(epochs=3, min_examples=27_000)
     assert r.epochs_for(9000) == 3 and r.epochs_for(864) == 31 and r.epochs_for(100_000) == 3
     assert SMALL_FINETUNE.min_examples and SMALL_FINETUNE.epochs_for(10) > SMALL_FINETUNE.epochs
     assert Recipe(epochs=3).epochs_for(10) == 3
+    with pytest.raises(QvecError, match="unknown recipe profile 'best'; known: quality, fast"):
+        Recipe.for_task("mnist", mini, "best")
+    with pytest.raises(QvecError, match="uses the paper recipe"):
+        Recipe.for_task("GTSRB", ModelSpec.parse("timm:vit_base_patch16_224"), "fast")
+
+
+def test_quality_profile_changes_only_what_it_says():
+    """Quality fine-tuning = fast + random crops (no flips) over 8 epochs of a 9k-image task; pretraining is 60
+    epochs at batch 128 with a longer warm-up, the rest of the fast recipe unchanged."""
+    assert QUALITY_FINETUNE == SMALL_FINETUNE.override(augment=True, min_examples=72_000)
+    assert not QUALITY_FINETUNE.hflip and QUALITY_FINETUNE.epochs_for(9000) == 8
+    assert QUALITY_PRETRAIN == SMALL_PRETRAIN.override(epochs=60, batch_size=128, warmup_steps=1000)
     with pytest.raises(QvecError, match="batch_size must be a multiple of grad_accum"):
         Recipe(batch_size=10, grad_accum=3)
     with pytest.raises(QvecError, match="unknown recipe field 'lrr'"):
@@ -185,6 +200,10 @@ def test_cli_finetune_eval_and_errors(data, theta0, tmp_path, capsys):
          "data folder does not exist"),
         (["eval", "--model", str(tmp_path / "missing.safetensors"), "--task", "stripes", "--data", str(data)],
          "no such file"),
+        (["finetune", "--model", "vit-nano", "--task", "stripes", "--data", str(data), "--profile", "best",
+          "-o", str(out)], "unknown recipe profile 'best'; known: quality, fast"),
+        (["pretrain", "--data-file", str(data / "stripes.npz"), "--profile", "slow", "-o", str(out)],
+         "unknown recipe profile 'slow'"),
     ]
     for argv, msg in cases:
         capsys.readouterr()

@@ -41,6 +41,9 @@ Limit = Annotated[int | None, typer.Option("--train-limit", help="Train on the f
 RecipeFile = Annotated[Path | None, typer.Option("--recipe", help="JSON file with Recipe fields (base recipe).")]
 Threads = Annotated[int | None, typer.Option("--threads", help="torch CPU threads (default: torch's choice).")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+Profile = Annotated[str | None, typer.Option("--profile", help="Recipe profile of the built-in ViTs: quality "
+                                             "(default; useful models, a GPU-sized job) or fast (CPU replication).")]
+Device = Annotated[str, typer.Option("--device", help="auto (GPU if any), cpu, cuda, cuda:1 ...")]
 
 
 def _set_threads(n: int | None) -> None:
@@ -92,6 +95,8 @@ def pretrain(
     data_file: Annotated[Path, typer.Option("--data-file", help="JPEG corpus .npz (pretrain_cifar10.npz).")],
     output: Output,
     model: Annotated[str, typer.Option("--model", "-m", help="Built-in small ViT.")] = "vit-mini",
+    profile: Profile = None,
+    device: Device = "auto",
     epochs: Epochs = None,
     lr: Lr = None,
     batch_size: Batch = None,
@@ -105,9 +110,9 @@ def pretrain(
     """Pretrain theta_0 (the shared backbone) on a JPEG corpus; resumable (rerun the same command)."""
     _set_threads(threads)
     spec = _model_spec(model)
-    r = _recipe(Recipe.for_pretraining(spec), recipe, epochs=epochs, lr=lr, batch_size=batch_size,
+    r = _recipe(Recipe.for_pretraining(spec, profile), recipe, epochs=epochs, lr=lr, batch_size=batch_size,
                 warmup_steps=warmup, seed=seed, train_limit=train_limit)
-    ck = _pretrain(spec, data_file, r, output, progress=not quiet)
+    ck = _pretrain(spec, data_file, r, output, progress=not quiet, device=device)
     _report_training(ck, output)
 
 
@@ -123,7 +128,8 @@ def finetune(
     weights: Annotated[
         Path | None, typer.Option("--weights", help="Local file of the family's pretrained weights (offline use).")
     ] = None,
-    device: Annotated[str, typer.Option("--device", help="auto (GPU if any), cpu, cuda, cuda:1 ...")] = "auto",
+    device: Device = "auto",
+    profile: Profile = None,
     qat: Annotated[bool, typer.Option("--qat", help="Quantization-aware training (else plain FT).")] = False,
     bits: Bits = 3,
     granularity: Gran = "channel",
@@ -146,7 +152,7 @@ def finetune(
     spec = _model_spec(model, pretrained)
     t = get_task(task, data)
     q = QuantSpec(bits=bits, granularity=granularity, group_size=group_size)  # type: ignore[arg-type]
-    r = _recipe(Recipe.for_task(t.name, spec), recipe, epochs=epochs, lr=lr, batch_size=batch_size,
+    r = _recipe(Recipe.for_task(t.name, spec, profile), recipe, epochs=epochs, lr=lr, batch_size=batch_size,
                 warmup_steps=warmup, seed=seed, train_limit=train_limit)
     if epochs is not None:  # an explicit --epochs is exact
         r = replace(r, min_examples=None)

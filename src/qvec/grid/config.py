@@ -89,6 +89,9 @@ class GridConfig:
     #: "pretrain" (train theta_0, see ``pretrain``), "hub" (the family's pretrained weights) or a weights file.
     backbone: str = ""
     pretrain: PretrainConfig | None = None
+    #: Recipe profile of the built-in ViTs (``quality`` or ``fast``; None: qvec.recipe.DEFAULT_PROFILE), the base
+    #: that ``recipe`` and ``pretrain`` override.
+    profile: str | None = None
     recipe: dict = field(default_factory=dict)
     task_recipes: dict[str, dict] = field(default_factory=dict)
     data_dir: str | None = None
@@ -233,6 +236,11 @@ class GridConfig:
     def _validate_recipes(self) -> None:
         from ..recipe import Recipe
 
+        if self.profile is not None:
+            try:
+                Recipe.for_task(self.tasks[0], self.model_spec(), self.profile)
+            except QvecError as e:
+                raise QvecError(f"{self.source}: profile: {e}") from None
         known = {f.name for f in fields(Recipe)}
         sections = [("recipe", self.recipe)]
         sections += [(f"recipe.tasks.{t}", r) for t, r in self.task_recipes.items()]
@@ -315,7 +323,7 @@ def config_from_dict(raw: Mapping[str, Any], source: str = "<flags>") -> GridCon
     for key in ("tasks", "donors", "receivers"):
         for t in kw.get(key, []):
             _expect(source, key, t, str, "a list of task names")
-    for key in ("name", "model", "granularity", "backbone", "data_dir"):
+    for key in ("name", "model", "granularity", "backbone", "data_dir", "profile"):
         if key in raw:
             kw[key] = str(_expect(source, key, raw[key], str, "a string"))
     for key in ("symmetric", "select_lambda", "self_pairs", "include_in_proj", "qat_include_in_proj"):

@@ -210,7 +210,7 @@ def build_plan(config: GridConfig, artifacts_root: str | Path) -> Plan:
     if config.backbone == "pretrain":
         assert config.pretrain is not None
         data_file = config.pretrain_file()
-        recipe = _recipe(Recipe.for_pretraining(spec), config.pretrain.recipe)
+        recipe = _recipe(Recipe.for_pretraining(spec, config.profile), config.pretrain.recipe)
         key = content_key("pretrain", {"model": spec.to_json(), "data": file_digest(data_file),
                                        "recipe": recipe.to_json()})
         out = store.path("pretrain", key)
@@ -234,7 +234,8 @@ def build_plan(config: GridConfig, artifacts_root: str | Path) -> Plan:
     for seed in seeds:
         sfx = "" if seed is None else f"/s{seed}"
         for task in config.all_tasks:
-            recipe = _recipe(Recipe.for_task(task, spec), config.recipe, config.task_recipes.get(task, {}))
+            base = Recipe.for_task(task, spec, config.profile)
+            recipe = _recipe(base, config.recipe, config.task_recipes.get(task, {}))
             if seed is not None:
                 recipe = recipe.override(seed=seed)
             for bits in [None, *config.bits]:

@@ -28,6 +28,7 @@ DEMO_SETTINGS: dict = {
     "name": "demo",
     "model": "qvec:vit-nano",
     "bits": [2],
+    "profile": "fast",
     "pretrain": {"epochs": 3, "warmup_steps": 100, "train_limit": 10000},
     "recipe": {"epochs": 4, "warmup_steps": 20, "train_limit": 2000},
     "eval": {"val_limit": 200, "test_limit": 500},
