@@ -73,6 +73,9 @@ def test_flags_override_the_file(tmp_path, data_dir):
         (('data = "pretrain_synthetic.npz"', 'data = "missing.npz"'), "no such file"),
         (('model = "qvec:vit-nano"', 'model = "qvec:vit-nano"\nbackbone = "/no/such/file"'), "backbone"),
         (('model = "qvec:vit-nano"', 'model = "qvec:vit-nano"\nprofile = "best"'), "profile: unknown recipe profile"),
+        (('model = "qvec:vit-nano"', 'model = "qvec:vit-nano"\nprofile = 3'), "profile must be a string"),
+        (('model = "qvec:vit-nano"', 'model = "timm:vit_tiny_patch16_224"\nprofile = "fast"'),
+         "profile: recipe profile 'fast' is for qvec's built-in ViTs"),
     ],
 )
 def test_bad_configs_are_one_line_errors(tmp_path, data_dir, change, message):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -123,6 +124,27 @@ def test_authors_in_proj_setting_quantizes_it_in_qat_only(tmp_path, data_dir):
     assert ft.key == default.by_id[ft.id].key
     for job_id in ("baseline/w3/syn_glyphs", "cells/w3/syn_glyphs->syn_shapes"):
         assert authors.by_id[job_id].params["include_in_proj"] is False
+
+
+def test_profile_key_sets_the_base_recipes(tmp_path, data_dir):
+    """The config's overrides apply on top of the profile's recipes (default: quality)."""
+    def recipes(extra: str) -> dict[str, set[Recipe]]:
+        sub = tmp_path / (extra.split('"')[1] if extra else "default")
+        sub.mkdir()
+        found: dict[str, set[Recipe]] = {}
+        for j in _plan(sub, data_dir, extra=extra).jobs:
+            if "recipe" in j.params:
+                found.setdefault(j.kind, set()).add(Recipe.from_json(j.params["recipe"]))
+        return found
+
+    tiny = {"epochs": 1, "train_limit": 128, "batch_size": 64, "warmup_steps": 1}
+    pre = {"epochs": 1, "train_limit": 192, "batch_size": 64, "warmup_steps": 1}
+    default, fast = recipes(""), recipes('profile = "fast"')
+    assert default == recipes('profile = "quality"')
+    assert fast["finetune"] == {replace(SMALL_FINETUNE.override(**tiny), min_examples=None)}
+    assert default["finetune"] == {replace(QUALITY_FINETUNE.override(**tiny), min_examples=None)}
+    assert fast["pretrain"] == {SMALL_PRETRAIN.override(**pre)} and default["pretrain"] == {
+        QUALITY_PRETRAIN.override(**pre)}
 
 
 @pytest.mark.parametrize("name, pre, ft", [("mini", SMALL_PRETRAIN, SMALL_FINETUNE),

@@ -76,7 +76,10 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     """``None``/``"auto"``: the GPU when there is one, else the CPU (where runs are bit-for-bit deterministic)."""
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise QvecError(f"unknown device {str(device)!r}; use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise QvecError(f"device {device!r} requested but no CUDA GPU is available")
     return dev

@@ -111,9 +111,7 @@ class Recipe:
         """
         if model_spec is not None and getattr(model_spec, "family", None) == "qvec":
             return small_profile(profile).finetune
-        if profile is not None:
-            raise QvecError(f"recipe profile {profile!r} is for qvec's built-in ViTs; {model_spec or task_name} "
-                            "uses the paper recipe (SPEC section 4)")
+        _no_profile_for(model_spec, profile)
         from .tasks import paper_task
 
         pt = paper_task(task_name)
@@ -122,7 +120,17 @@ class Recipe:
     @classmethod
     def for_pretraining(cls, model_spec=None, profile: str | None = None) -> Recipe:
         """The recipe that trains the small ViT's theta_0 on the CIFAR-10 pretraining corpus, for ``profile``."""
+        if model_spec is not None and getattr(model_spec, "family", None) != "qvec":
+            _no_profile_for(model_spec, profile)
         return small_profile(profile).pretrain
+
+
+def _no_profile_for(model_spec, profile: str | None) -> None:
+    """Profiles are recipes of the built-in ViTs only: asking for one with a paper model is an error."""
+    if profile is not None:
+        what = f"model {model_spec}" if model_spec is not None else "a model outside the qvec family"
+        raise QvecError(f"recipe profile {profile!r} is for qvec's built-in ViTs; {what} uses the paper recipe "
+                        "(SPEC section 4)")
 
 
 @dataclass(frozen=True)

@@ -220,8 +220,10 @@ def demo_cmd(
 def reproduce_mini_cmd(
     data: DataDir = None,
     workdir: Annotated[Path, typer.Option("--workdir", help="Database and artifacts.")] = Path("runs/mini"),
-    output: Annotated[Path, typer.Option("--output", "-o", help="Report folder.")] = Path("results/mini"),
-    config: Annotated[Path | None, typer.Option("--config", help="Config (default: configs/mini.toml).")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Report folder (default: results/<study>, "
+                                                "the config's name).")] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="Config (default: configs/mini.toml; "
+                                                "configs/mini-quality.toml for the quality recipes).")] = None,
     executor: ExecutorOpt = "local",
     address: Address = None,
     workers: Workers = None,

@@ -16,7 +16,7 @@ from ..errors import QvecError
 from ..evaluate import evaluate_checkpoint
 from ..models import ModelSpec, builtin_names, with_model
 from ..quant import QuantSpec
-from ..recipe import Recipe
+from ..recipe import DEFAULT_PROFILE, SMALL_PROFILES, Recipe
 from ..tasks import get_task, resolve_data_dir, task_summaries
 from ..train import finetune as _finetune
 from ..train import pretrain as _pretrain
@@ -41,8 +41,9 @@ Limit = Annotated[int | None, typer.Option("--train-limit", help="Train on the f
 RecipeFile = Annotated[Path | None, typer.Option("--recipe", help="JSON file with Recipe fields (base recipe).")]
 Threads = Annotated[int | None, typer.Option("--threads", help="torch CPU threads (default: torch's choice).")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
-Profile = Annotated[str | None, typer.Option("--profile", help="Recipe profile of the built-in ViTs: quality "
-                                             "(default; useful models, a GPU-sized job) or fast (CPU replication).")]
+Profile = Annotated[str | None, typer.Option("--profile", help="Recipe profile of the built-in ViTs (default "
+                                             f"{DEFAULT_PROFILE}): " + "; ".join(f"{k}: {v.about}" for k, v in
+                                                                                   SMALL_PROFILES.items()))]
 Device = Annotated[str, typer.Option("--device", help="auto (GPU if any), cpu, cuda, cuda:1 ...")]
 
 
@@ -55,7 +56,10 @@ def _set_threads(n: int | None) -> None:
         torch.set_num_threads(n)
 
 
-def _recipe(base: Recipe, recipe_file: Path | None, **overrides) -> Recipe:
+def _recipe(base: Recipe, recipe_file: Path | None, profile: str | None = None, **overrides) -> Recipe:
+    """``base`` (the profile's recipe), or the whole recipe of ``recipe_file``, with the flags' overrides."""
+    if recipe_file is not None and profile is not None:
+        raise QvecError("--recipe FILE replaces the profile's recipe; give --recipe or --profile, not both")
     if recipe_file is not None:
         if not recipe_file.is_file():
             raise QvecError(f"{recipe_file}: no such recipe file")
@@ -110,7 +114,7 @@ def pretrain(
     """Pretrain theta_0 (the shared backbone) on a JPEG corpus; resumable (rerun the same command)."""
     _set_threads(threads)
     spec = _model_spec(model)
-    r = _recipe(Recipe.for_pretraining(spec, profile), recipe, epochs=epochs, lr=lr, batch_size=batch_size,
+    r = _recipe(Recipe.for_pretraining(spec, profile), recipe, profile, epochs=epochs, lr=lr, batch_size=batch_size,
                 warmup_steps=warmup, seed=seed, train_limit=train_limit)
     ck = _pretrain(spec, data_file, r, output, progress=not quiet, device=device)
     _report_training(ck, output)
@@ -152,7 +156,7 @@ def finetune(
     spec = _model_spec(model, pretrained)
     t = get_task(task, data)
     q = QuantSpec(bits=bits, granularity=granularity, group_size=group_size)  # type: ignore[arg-type]
-    r = _recipe(Recipe.for_task(t.name, spec, profile), recipe, epochs=epochs, lr=lr, batch_size=batch_size,
+    r = _recipe(Recipe.for_task(t.name, spec, profile), recipe, profile, epochs=epochs, lr=lr, batch_size=batch_size,
                 warmup_steps=warmup, seed=seed, train_limit=train_limit)
     if epochs is not None:  # an explicit --epochs is exact
         r = replace(r, min_examples=None)

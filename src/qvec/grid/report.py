@@ -560,8 +560,9 @@ def write_report(db: str | os.PathLike, out_dir: str | os.PathLike, study: str |
     if preamble:
         md += [preamble.strip(), ""]
     cfg = data.config
+    profile = f" (recipe profile `{cfg['profile']}`)" if cfg.get("profile") else ""
     md += [
-        f"- Model `{data.model}`, backbone `{cfg.get('backbone', '?')}`, {len(data.donors)} donors x "
+        f"- Model `{data.model}`{profile}, backbone `{cfg.get('backbone', '?')}`, {len(data.donors)} donors x "
         f"{len(data.receivers)} receivers, bits {data.bits}, {cfg.get('granularity', 'channel')} "
         f"{'symmetric' if cfg.get('symmetric', True) else 'asymmetric'} RTN, seeds: {data.seeds}.",
         f"- λ grid {cfg.get('lambdas')}; **λ = 1 is zero-shot** (no receiver data); **λ\\* is chosen per pair on the "

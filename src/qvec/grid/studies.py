@@ -118,18 +118,20 @@ def default_mini_config() -> Path:
 def reproduce_mini(
     data: str | os.PathLike | None = None,
     workdir: str | os.PathLike = "runs/mini",
-    out: str | os.PathLike = "results/mini",
+    out: str | os.PathLike | None = None,
     config: str | os.PathLike | None = None,
     executor: Executor | None = None,
     log: Callable[[str], None] | None = None,
 ) -> StudyRun:
     """The CPU-scale replication: ``configs/mini.toml`` (7 local tasks, built-in small ViT pretrained on
-    ``pretrain_cifar10.npz``, bits 3, 2, 4), report and figures in ``out`` with the command and versions."""
+    ``pretrain_cifar10.npz``, bits 3, 2, 4), report and figures in ``out`` (default ``results/<study name>``) with
+    the command and versions. ``config`` runs another study the same way (``configs/mini-quality.toml``)."""
     path = Path(config) if config is not None else default_mini_config()
     if not path.is_file():
         raise QvecError(f"{path}: replication config not found; pass --config configs/mini.toml")
     cfg = load_config(path, {"data_dir": str(Path(data).resolve())} if data is not None else None)
     workdir = Path(workdir).resolve()
+    out = out if out is not None else Path("results") / cfg.name
     command = "qvec " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "reproduce_mini()"
     return _run_and_report(
         cfg, workdir, Path(out), executor, log,
