@@ -153,7 +153,7 @@ def test_shipped_replication_configs_train_with_their_profile(name, pre, ft, tmp
     data = shared_data_dir()
     if data is None:
         pytest.skip("../shared/data (or $QVEC_DATA) is absent: the shipped configs need the real task files")
-    plan = build_plan(load_config(REPO / "configs" / f"{name}.toml", {"data_dir": str(data)}), tmp_path / "a")
+    plan = build_plan(load_config(REPO / "configs" / f"{name}.toml", {"data_dir": str(data.resolve())}), tmp_path / "a")
     recipes = {j.kind: set() for j in plan.jobs}
     for j in plan.jobs:
         if "recipe" in j.params:
