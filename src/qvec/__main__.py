@@ -1,4 +1,4 @@
-"""``python -m qvec`` runs the command line."""
+"""``python -m qvec``: the same entry point as the ``qvec`` command."""
 
 import sys
 

@@ -41,7 +41,7 @@ from .checkpoint import (
 from .errors import QvecError
 from .evaluate import autocast_for, evaluate, resolve_device
 from .models import DataConfig, ModelAdapter, ModelSpec, build_model, checkpoint_from_model, get_adapter
-from .models.loading import check_state_matches
+from .models.loading import load_backbone_state
 from .qat import convert_qat, prepare_qat
 from .quant import QuantSpec, quantize_
 from .recipe import Recipe
@@ -171,7 +171,8 @@ def _val_accuracy(job: _Job, quant: QuantSpec | None) -> float | None:
         model = _float_copy(job)
         if quant is not None:
             quantize_(model, quant, job.adapter.targets(model, job.include_in_proj))
-    return evaluate(model, job.task, "val", batch_size=job.recipe.eval_batch_size, config=config).accuracy
+    return evaluate(model, job.task, "val", batch_size=job.recipe.eval_batch_size, limit=job.recipe.val_limit,
+                    config=config).accuracy
 
 
 def _progress(enabled: bool, total_steps: int, done_steps: int, title: str):
@@ -303,13 +304,11 @@ def _train(job: _Job, resume: bool = True, on_epoch: Callable[[int], None] | Non
 
 
 def _load_init(model: nn.Module, adapter: ModelAdapter, init: str | Path) -> tuple[str, dict]:
-    """Load theta_0's backbone into ``model`` (the head stays freshly initialised); return its fingerprint."""
+    """Load theta_0's backbone into ``model`` (the head stays freshly initialised); return its fingerprint.
+
+    The adapter's checkpoint filter applies, so a backbone file made at another input size is resampled."""
     ck = Checkpoint.load(init)
-    own = model.state_dict()
-    backbone = [k for k in own if not adapter.is_head(k)]
-    check_state_matches(own, {k: v for k, v in ck.state.items() if not adapter.is_head(k)}, str(init),
-                        keys=backbone)
-    model.load_state_dict({k: ck.state[k] for k in backbone}, strict=False)
+    load_backbone_state(model, {k: v for k, v in ck.state.items() if not adapter.is_head(k)}, adapter, str(init))
     fp = ck.fingerprint or fingerprint_tensors(ck.state, [k for k in adapter.backbone_keys(ck.state)])
     return fp, ck.meta
 

@@ -34,6 +34,21 @@ def _register() -> None:
                 raise
 
 
+def _usage_error_types() -> tuple[type, ...]:
+    types: list[type] = []
+    for module in ("click.exceptions", "typer._click.exceptions"):
+        try:
+            types.append(__import__(module, fromlist=["ClickException"]).ClickException)
+        except ImportError:
+            pass
+    return tuple(types)
+
+
+def _is_usage_error(e: BaseException) -> bool:
+    """A usage mistake (bad value, unknown option or command, missing option): click shows it in a few lines."""
+    return isinstance(e, _usage_error_types())
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app; a QvecError becomes one red line on stderr and exit status 2."""
     _register()
@@ -47,12 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     except typer.Abort:
         console.print("aborted")
         return 130
-    except Exception as e:  # click usage errors
-        import click
-
-        if isinstance(e, click.ClickException):
-            e.show()
-            return e.exit_code
+    except Exception as e:
+        if _is_usage_error(e):  # click's, or the copy of click that typer vendors (typer._click)
+            e.show()  # type: ignore[attr-defined]
+            return 2
         raise
     return 0
 

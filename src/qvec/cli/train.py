@@ -16,7 +16,7 @@ from ..errors import QvecError
 from ..evaluate import evaluate_checkpoint
 from ..models import ModelSpec, builtin_names, with_model
 from ..quant import QuantSpec
-from ..recipe import DEFAULT_PROFILE, SMALL_PROFILES, Recipe
+from ..recipe import DEFAULT_PROFILE, PRETRAINED_PROFILES, SMALL_PROFILES, Recipe
 from ..tasks import get_task, resolve_data_dir, task_summaries
 from ..train import finetune as _finetune
 from ..train import pretrain as _pretrain
@@ -41,9 +41,15 @@ Limit = Annotated[int | None, typer.Option("--train-limit", help="Train on the f
 RecipeFile = Annotated[Path | None, typer.Option("--recipe", help="JSON file with Recipe fields (base recipe).")]
 Threads = Annotated[int | None, typer.Option("--threads", help="torch CPU threads (default: torch's choice).")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
-Profile = Annotated[str | None, typer.Option("--profile", help="Recipe profile of the built-in ViTs (default "
+Profile = Annotated[str | None, typer.Option("--profile", help="Recipe profile. Built-in ViTs (default "
                                              f"{DEFAULT_PROFILE}): " + "; ".join(f"{k}: {v.about}" for k, v in
-                                                                                   SMALL_PROFILES.items()))]
+                                                                                   SMALL_PROFILES.items())
+                                             + ". Pretrained backbones (default paper, SPEC's recipe): "
+                                             + "; ".join(f"{k}: {v.about}" for k, v in
+                                                         PRETRAINED_PROFILES.items()))]
+ImgSize = Annotated[int | None, typer.Option("--img-size", help="Input size in pixels the ViT is built for (a "
+                                            "multiple of its patch size); pretrained position embeddings are "
+                                            "resampled to it. Default: the model's own.")]
 Device = Annotated[str, typer.Option("--device", help="auto (GPU if any), cpu, cuda, cuda:1 ...")]
 
 
@@ -67,10 +73,15 @@ def _recipe(base: Recipe, recipe_file: Path | None, profile: str | None = None, 
     return base.override(**overrides)
 
 
-def _model_spec(name: str, pretrained: str | None = None) -> ModelSpec:
-    """Parse --model (and --pretrained, a family's weights tag such as OpenCLIP's ``openai``); a name that is
-    neither built in nor a timm model lists the built-in ones."""
-    spec = ModelSpec.parse(name, **({"pretrained": pretrained} if pretrained else {}))
+def _model_spec(name: str, pretrained: str | None = None, img_size: int | None = None) -> ModelSpec:
+    """Parse --model (and --pretrained, a family's weights tag such as OpenCLIP's ``openai``, and --img-size, the
+    input size a ViT is built for); a name that is neither built in nor a timm model lists the built-in ones."""
+    options: dict = {"pretrained": pretrained} if pretrained else {}
+    if img_size is not None:
+        if img_size < 1:
+            raise QvecError(f"--img-size must be a positive number of pixels, got {img_size}")
+        options["img_size"] = img_size
+    spec = ModelSpec.parse(name, **options)
     if spec.family == "qvec" and spec.name not in builtin_names():
         raise QvecError(f"unknown built-in model {spec.name!r}; known: {', '.join(builtin_names())}")
     if spec.family == "timm" and ":" not in name:
@@ -132,6 +143,7 @@ def finetune(
     weights: Annotated[
         Path | None, typer.Option("--weights", help="Local file of the family's pretrained weights (offline use).")
     ] = None,
+    img_size: ImgSize = None,
     device: Device = "auto",
     profile: Profile = None,
     qat: Annotated[bool, typer.Option("--qat", help="Quantization-aware training (else plain FT).")] = False,
@@ -153,7 +165,7 @@ def finetune(
 ) -> None:
     """Fine-tune from theta_0: FT, or QAT with --qat (same recipe and seed); resumable (rerun the same command)."""
     _set_threads(threads)
-    spec = _model_spec(model, pretrained)
+    spec = _model_spec(model, pretrained, img_size)
     t = get_task(task, data)
     q = QuantSpec(bits=bits, granularity=granularity, group_size=group_size)  # type: ignore[arg-type]
     r = _recipe(Recipe.for_task(t.name, spec, profile), recipe, profile, epochs=epochs, lr=lr, batch_size=batch_size,

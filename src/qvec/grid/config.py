@@ -159,9 +159,13 @@ class GridConfig:
         if not self.name or not all(c.isalnum() or c in "-_." for c in self.name):
             raise QvecError(f"{src}: name must be non-empty letters, digits, '-', '_' or '.', got {self.name!r}")
         try:
-            self.model_spec()
+            from ..models import get_adapter
+
+            spec = self.model_spec()
+            get_adapter(spec).check_spec(spec)
         except QvecError as e:
-            raise QvecError(f"{src}: model {self.model!r}: {e}") from None
+            key = "model_options" if self.model_options else "model"
+            raise QvecError(f"{src}: {key}: {e}") from None
         if not self.tasks:
             raise QvecError(f"{src}: tasks is empty; list at least one task")
         for key in ("tasks", "donors", "receivers"):
@@ -246,11 +250,19 @@ class GridConfig:
         sections += [(f"recipe.tasks.{t}", r) for t, r in self.task_recipes.items()]
         if self.pretrain is not None:
             sections.append(("pretrain", self.pretrain.recipe))
+        types = {f.name: str(f.type) for f in fields(Recipe)}
         for where, overrides in sections:
-            for k in overrides:
+            for k, v in overrides.items():
                 if k not in known:
                     names = ", ".join(sorted(known))
                     raise QvecError(f"{self.source}: {where}.{k} is not a recipe field; known: {names}")
+                if not _matches_type(v, types[k]):
+                    raise QvecError(f"{self.source}: {where}.{k} must be {_TYPE_WORDS.get(types[k], types[k])}, "
+                                    f"got {v!r}")
+            try:
+                Recipe().override(**overrides)
+            except QvecError as e:
+                raise QvecError(f"{self.source}: {where}: {e}") from None
         for t in self.task_recipes:
             if t not in self.all_tasks:
                 raise QvecError(f"{self.source}: recipe.tasks.{t}: {t!r} is not one of the grid's tasks")
@@ -271,8 +283,29 @@ class GridConfig:
             raise QvecError(f"{self.source}: unknown task {t!r} ({where})")
 
 
+_TYPE_WORDS = {"float": "a number", "int": "an integer", "bool": "true or false", "int | None": "an integer"}
+
+
+def _matches_type(value: Any, type_name: str) -> bool:
+    """Whether a config value fits a dataclass field annotated ``type_name`` (bool is not a number here)."""
+    if value is None:
+        return type_name.endswith("| None")
+    base = type_name.removesuffix(" | None")
+    if base == "bool":
+        return isinstance(value, bool)
+    if isinstance(value, bool):
+        return False
+    if base == "int":
+        return isinstance(value, int)
+    if base == "float":
+        return isinstance(value, int | float) and math.isfinite(value)
+    return True
+
+
 # ------------------------------------------------------------------------------------------------ loading
-_TOP_KEYS = {f.name for f in fields(GridConfig)} - {"source", "task_recipes"}
+#: Keys that are shorthand for a model option (``img_size = 112`` is ``model_options.img_size = 112``).
+_MODEL_OPTION_KEYS = ("img_size",)
+_TOP_KEYS = ({f.name for f in fields(GridConfig)} - {"source", "task_recipes"}) | set(_MODEL_OPTION_KEYS)
 _EVAL_KEYS = {f.name for f in fields(EvalConfig)}
 
 
@@ -333,6 +366,12 @@ def config_from_dict(raw: Mapping[str, Any], source: str = "<flags>") -> GridCon
         kw["group_size"] = _expect(source, "group_size", raw["group_size"], int, "an integer")
     if "model_options" in raw:
         kw["model_options"] = dict(_expect(source, "model_options", raw["model_options"], dict, "a table"))
+    for key in _MODEL_OPTION_KEYS:
+        if key in raw:
+            value = _expect(source, key, raw[key], int, "an integer (pixels)")
+            if value < 1:
+                raise QvecError(f"{source}: {key} must be a positive number of pixels, got {value}")
+            kw.setdefault("model_options", {})[key] = value
     if "recipe" in raw:
         rec = dict(_expect(source, "recipe", raw["recipe"], dict, "a table"))
         per_task = rec.pop("tasks", {})

@@ -97,11 +97,12 @@ class EvalBench:
 
     def theta0(self, path: str | None, spec: ModelSpec) -> dict[str, torch.Tensor]:
         """theta_0's state: its checkpoint, or the family's hub weights when it has no file."""
-        if path is not None:
-            return self.checkpoint(path).state
-        name = spec.to_json()
+        name = (path, spec.to_json())
         if name not in self._hub:
-            self._hub[name] = build_model(spec, pretrained=True).state_dict()
+            # A file goes through the adapter's loader, which adapts it to this model (e.g. resamples its
+            # position embedding to the study's input size); the hub weights of the family otherwise.
+            model = build_model(spec, pretrained=path is None, weights=path)
+            self._hub[name] = model.state_dict()
         return self._hub[name]
 
     def slot(self, receiver_ft: str, include_in_proj: bool) -> _Slot:

@@ -103,6 +103,27 @@ class ModelAdapter(ABC):
         """The backbone weights that PTQ and QAT quantize."""
         return find_targets(model, self.head_prefixes, include_in_proj=include_in_proj)
 
+    def check_spec(self, spec: ModelSpec) -> None:
+        """Raise a one-line QvecError when ``spec`` cannot be built (unknown name, bad options, an input size the
+        patch grid cannot take), before any work starts. Families that build without network do it on the meta
+        device (no memory, no weights); the default checks nothing."""
+        return None
+
+    def _check_by_meta_build(self, spec: ModelSpec) -> None:
+        try:
+            with torch.device("meta"):
+                self.build(spec.with_classes(spec.num_classes or 2), pretrained=False)
+        except QvecError:
+            raise
+        except Exception as e:  # a constructor's own complaint about an option
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise QvecError(f"cannot build {spec} with options {spec.options}: {first[:200]}") from None
+
+    def filter_state(self, state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+        """Adapt a pretrained state dict to ``model`` before loading (timm: resample the position embedding to
+        the model's input size, convert foreign layouts); the identity by default."""
+        return state
+
     def trainable_head(self, spec: ModelSpec) -> bool:
         """True when the head is trained with the backbone (supervised ViTs); False for frozen zero-shot heads."""
         return True

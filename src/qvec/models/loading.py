@@ -48,13 +48,24 @@ def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], source: 
     return model
 
 
-def load_backbone_weights(model: nn.Module, path: str | Path, adapter: ModelAdapter) -> nn.Module:
-    """Load a pretrained file into ``model``: every backbone key must match; a head of another size is dropped."""
-    state = read_any_state_dict(path)
+def load_backbone_state(model: nn.Module, state: dict[str, torch.Tensor], adapter: ModelAdapter,
+                        source: str) -> nn.Module:
+    """Load a backbone state into ``model`` through the adapter's checkpoint filter (which resamples position
+    embeddings to the model's input size); every backbone key must match, a head of another size is dropped."""
     own = model.state_dict()
+    try:
+        state = adapter.filter_state(dict(state), model)
+    except (RuntimeError, ValueError, KeyError, AssertionError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise QvecError(f"{source}: cannot adapt these weights to {type(model).__name__} ({first[:200]})") from None
     state = {k: v for k, v in state.items() if not (adapter.is_head(k) and (k not in own or own[k].shape != v.shape))}
     backbone = [k for k in own if not adapter.is_head(k)]
     check_state_matches(own, {k: v for k, v in state.items() if not adapter.is_head(k) or k in own},
-                        str(path), keys=backbone)
+                        source, keys=backbone)
     model.load_state_dict(state, strict=False)
     return model
+
+
+def load_backbone_weights(model: nn.Module, path: str | Path, adapter: ModelAdapter) -> nn.Module:
+    """Load a pretrained file into ``model`` (see :func:`load_backbone_state`)."""
+    return load_backbone_state(model, read_any_state_dict(path), adapter, str(path))

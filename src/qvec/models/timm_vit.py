@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import sys
+
 import timm
+import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
@@ -52,13 +55,27 @@ class SmallViTAdapter(ModelAdapter):
         return model
 
     def data_config(self, spec: ModelSpec, model: nn.Module | None = None) -> DataConfig:
-        return DataConfig(32, SMALL_VIT_MEAN, SMALL_VIT_STD, "bilinear")
+        return DataConfig(int(spec.options.get("img_size", 32)), SMALL_VIT_MEAN, SMALL_VIT_STD, "bilinear")
+
+    def check_spec(self, spec: ModelSpec) -> None:
+        self._check_by_meta_build(spec)
 
     def names(self) -> list[str]:
         return list(SMALL_VITS)
 
 
 _BUILTIN_NAMES.append(lambda: list(SMALL_VITS))
+
+
+def _check_patch_grid(model: nn.Module, spec: ModelSpec) -> nn.Module:
+    """A ViT whose input size is not a multiple of its patch size cannot run (timm only fails at forward time)."""
+    pe = getattr(model, "patch_embed", None)
+    size, patch = getattr(pe, "img_size", None), getattr(pe, "patch_size", None)
+    if size and patch and not getattr(pe, "dynamic_img_pad", False):
+        if any(s % p for s, p in zip(size, patch, strict=False)):
+            raise QvecError(f"{spec}: input size {size[0]} px is not a multiple of the patch size {patch[0]} "
+                            f"(try {max(1, size[0] // patch[0]) * patch[0]} or {(size[0] // patch[0] + 1) * patch[0]})")
+    return model
 
 
 @register_adapter
@@ -69,32 +86,49 @@ class TimmAdapter(ModelAdapter):
     head_prefixes = ("head",)
 
     def build(self, spec: ModelSpec, pretrained: bool = False, weights: str | None = None) -> nn.Module:
+        """``weights`` may be any timm-layout file of this architecture (e.g. 518-px DINOv2 loaded at 112 px):
+        timm's checkpoint filter resamples its position embedding and a head of another size is replaced."""
         kwargs = dict(spec.options)
         if spec.num_classes:
             kwargs["num_classes"] = spec.num_classes
         try:
             if weights:
                 require_weights_file(weights)
-                model = timm.create_model(spec.name, pretrained=False, **kwargs)
+                model = _check_patch_grid(timm.create_model(spec.name, pretrained=False, **kwargs), spec)
                 from .loading import load_backbone_weights
 
                 load_backbone_weights(model, weights, self)
                 return model
-            return timm.create_model(spec.name, pretrained=pretrained, **kwargs)
+            return _check_patch_grid(timm.create_model(spec.name, pretrained=pretrained, **kwargs), spec)
         except RuntimeError as e:
             if "Unknown model" in str(e):
                 raise QvecError(
                     f"unknown timm model {spec.name!r}; see timm.list_models('vit_*') for the known ones"
                 ) from None
             raise
+        except TypeError as e:  # a model option timm's constructor does not take
+            raise QvecError(f"timm model {spec.name!r} does not accept these options {spec.options}: {e}") from None
         except OSError as e:  # hub download failed (offline, gated, missing file)
             raise offline_error(f"timm:{spec.name}", e, hint=f"hf download timm/{spec.name}") from None
 
+    def check_spec(self, spec: ModelSpec) -> None:
+        self._check_by_meta_build(spec)
+
+    def filter_state(self, state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+        """The state through the checkpoint filter of the model's timm module (``checkpoint_filter_fn``), as
+        timm's own ``load_pretrained`` does: position embeddings resampled to the model's patch grid."""
+        fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
+        return fn(state, model) if fn is not None else state
+
     def data_config(self, spec: ModelSpec, model: nn.Module | None = None) -> DataConfig:
+        """timm's data config (mean, std, interpolation) at the size the model was built for (``img_size``)."""
         if model is None:
-            model = timm.create_model(spec.name, pretrained=False, num_classes=spec.num_classes or 0)
+            model = timm.create_model(spec.name, pretrained=False, num_classes=spec.num_classes or 0, **spec.options)
         cfg = timm.data.resolve_data_config({}, model=model)
         size = cfg["input_size"][-1]
+        grid_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+        if grid_size:
+            size = grid_size[-1] if isinstance(grid_size, tuple | list) else int(grid_size)
         return DataConfig(size, tuple(cfg["mean"]), tuple(cfg["std"]), cfg.get("interpolation", "bicubic"))
 
     def names(self) -> list[str]:
