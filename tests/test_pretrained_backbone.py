@@ -11,7 +11,6 @@ import pytest
 import torch
 from safetensors.torch import save_file
 from timm.layers import resample_abs_pos_embed
-from .tinytask import write_task
 
 from qvec.checkpoint import Checkpoint
 from qvec.cli import main
@@ -19,6 +18,8 @@ from qvec.errors import QvecError
 from qvec.grid.config import load_config
 from qvec.grid.plan import build_plan
 from qvec.models import ModelSpec, build_model, get_adapter
+
+from .tinytask import write_task
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
 

@@ -10,17 +10,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Mapping
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from . import __version__
+from .atomic import atomic_path, write_bytes_atomic  # noqa: F401  (atomic_path: re-exported)
 from .errors import QvecError
 
 META_FORMAT = "qvec.format"
@@ -33,43 +32,33 @@ META_VERSION = "qvec.version"
 META_CLASSES = "qvec.classes"
 
 
-@contextmanager
-def atomic_path(path: str | os.PathLike):
-    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; artifacts get the usual permissions
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping) -> None:
     """Write tensors and string metadata atomically (tensors are made contiguous and unshared)."""
     meta = {str(k): (v if isinstance(v, str) else json.dumps(v)) for k, v in metadata.items()}
     meta.setdefault(META_VERSION, __version__)
     clean = {k: v.detach().contiguous().clone() if _shares_storage(v) else v.detach().contiguous()
              for k, v in tensors.items()}
-    with atomic_path(path) as tmp:
-        save_file(clean, str(tmp), metadata=meta)
+    # safetensors' save_file renames its own temporary file (mode 0600, left behind when killed): serialize to
+    # bytes and write them through qvec's atomic writer instead.
+    write_bytes_atomic(path, save(clean, metadata=meta))
 
 
 def _shares_storage(t: torch.Tensor) -> bool:
     return t.untyped_storage().nbytes() != t.numel() * t.element_size()
 
 
+def require_file(path: Path) -> None:
+    """A readable file at ``path``, or a one-line QvecError saying what is there instead."""
+    if path.is_dir():
+        raise QvecError(f"{path}: is a directory, not a file")
+    if not path.is_file():
+        raise QvecError(f"{path}: no such file")
+
+
 def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and metadata of a safetensors file; a missing, truncated or corrupt file is a QvecError."""
     path = Path(path)
-    if not path.is_file():
-        raise QvecError(f"{path}: no such file")
+    require_file(path)
     try:
         from safetensors import safe_open
 
@@ -83,10 +72,16 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
 
 def read_torch_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A PyTorch ``.pt``/``.bin`` state dict, loaded with ``weights_only=True`` (no arbitrary pickle code)."""
+    require_file(Path(path))
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for corrupt or unsafe files
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        text = str(e)
+        if "weights_only" in text or "Unsupported global" in text:
+            # torch's advice (load with weights_only=False) would run arbitrary code from the file: not repeated
+            raise QvecError(f"{path}: holds pickled Python objects beyond tensors; qvec loads only plain state "
+                            "dicts (convert it to safetensors where you trust its source)") from None
+        first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
         raise QvecError(f"{path}: not a loadable PyTorch state dict ({first})") from None
     for key in ("state_dict", "model", "module"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
@@ -109,8 +104,6 @@ class Checkpoint:
     def load(cls, path: str | os.PathLike) -> Checkpoint:
         path = Path(path)
         if path.suffix in (".pt", ".pth", ".bin"):
-            if not path.is_file():
-                raise QvecError(f"{path}: no such file")
             return cls(read_torch_state_dict(path), {}, path)
         state, meta = read_safetensors(path)
         fmt = meta.get(META_FORMAT, "checkpoint")
@@ -139,7 +132,10 @@ class Checkpoint:
             raise QvecError(
                 f"{self.name()}: no '{META_MODEL}' in the metadata; pass --model to say which architecture it is"
             )
-        return ModelSpec.from_json(raw)
+        try:
+            return ModelSpec.from_json(raw)
+        except QvecError as e:
+            raise QvecError(f"{self.name()}: {e}") from None
 
     @property
     def fingerprint(self) -> str | None:

@@ -119,7 +119,9 @@ def evaluate(
     if nout is not None and nout != task.num_classes:
         raise QvecError(f"the model has a head for {nout} classes but task {task.name!r} has {task.num_classes}")
     ds = task.split(split)  # type: ignore[arg-type]
-    n = len(ds) if limit is None else max(0, min(limit, len(ds)))
+    if limit is not None and (isinstance(limit, bool) or limit < 1):
+        raise QvecError(f"limit must be a positive number of images, got {limit}")
+    n = len(ds) if limit is None else min(limit, len(ds))
     labels = ds.labels[:n]
     cached = ds.tensors(config, max_bytes=cache_max_bytes) if n else None
     was_training = model.training

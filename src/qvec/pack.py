@@ -22,7 +22,7 @@ import torch
 from .checkpoint import META_FORMAT, META_MODEL, META_QUANT, Checkpoint, read_safetensors, save_safetensors
 from .errors import QvecError
 from .ptq import target_keys
-from .quant import QuantSpec, _grouped_view, dequantize_codes, quantize_codes
+from .quant import NonFiniteWeightError, QuantSpec, _grouped_view, dequantize_codes, quantize_codes
 
 CODES, SCALE, ZERO = ".__qcodes", ".__qscale", ".__qzero"
 META_PACKED = "qvec.packed"
@@ -84,7 +84,10 @@ def pack_state(
         if k not in keyset:
             out[k] = t
             continue
-        levels, scale, zero = quantize_codes(t, quant)
+        try:
+            levels, scale, zero = quantize_codes(t, quant)
+        except NonFiniteWeightError as e:
+            raise NonFiniteWeightError(f"{k}: {e}") from None
         out[k + CODES] = torch.from_numpy(pack_bits(levels.numpy(), quant.bits))
         out[k + SCALE] = scale.to(_scale_dtype_for(scale, scale_dtype))
         if zero is not None:
@@ -113,8 +116,14 @@ def unpack_state(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> dict
         rows = scale.shape[0]
         if count % rows:
             raise QvecError(f"packed tensor {k!r}: {rows} scales do not divide {count} weights")
+        if not bool(torch.isfinite(scale).all()):
+            raise QvecError(f"packed tensor {k!r} has NaN or Inf scales")
         w = dequantize_codes(levels.reshape(rows, -1), scale, tensors.get(k + ZERO), quant, shape)
         state[k] = w.to(getattr(torch, dtypes[k]))
+    for k, v in state.items():
+        if k not in shapes and v.is_floating_point() and v.numel() and not bool(torch.isfinite(v.sum())):
+            if not bool(torch.isfinite(v).all()):
+                raise QvecError(f"tensor {k!r} contains NaN or Inf")
     return state
 
 
@@ -134,7 +143,10 @@ def pack_checkpoint(
         if k not in ckpt.state:
             raise QvecError(f"{ckpt.name()}: quantization target {k!r} is not in the checkpoint")
         _grouped_view(ckpt.state[k], quant)  # validates group size up front, before anything is written
-    tensors, shapes = pack_state(ckpt.state, keys, quant, SCALE_DTYPES[scale_dtype])
+    try:
+        tensors, shapes = pack_state(ckpt.state, keys, quant, SCALE_DTYPES[scale_dtype])
+    except NonFiniteWeightError as e:
+        raise NonFiniteWeightError(f"{ckpt.name()}: {e}") from None
     meta = {k: v for k, v in ckpt.meta.items() if k != META_FORMAT}
     meta[META_FORMAT] = "packed"
     meta[META_QUANT] = json.dumps({**quant.to_dict(), "include_in_proj": include_in_proj})
@@ -168,7 +180,10 @@ def load_packed(path: str | os.PathLike) -> Checkpoint:
     tensors, meta = read_safetensors(path)
     if meta.get(META_FORMAT) != "packed":
         raise QvecError(f"{path}: not a packed qvec checkpoint (format {meta.get(META_FORMAT, 'unknown')!r})")
-    state = unpack_state(tensors, meta)
+    try:
+        state = unpack_state(tensors, meta)
+    except QvecError as e:
+        raise QvecError(f"{path}: {e}") from None
     out_meta = {k: v for k, v in meta.items() if k not in (META_FORMAT, META_PACKED)}
     if META_MODEL not in out_meta:
         raise QvecError(f"{path}: packed checkpoint has no model spec in its header")

@@ -9,7 +9,7 @@ import torch
 from .checkpoint import META_KIND, META_QUANT, Checkpoint
 from .errors import QvecError
 from .models import ModelSpec, get_adapter
-from .quant import QuantSpec, quantize_state_dict_
+from .quant import NonFiniteWeightError, QuantSpec, quantize_state_dict_
 
 
 def target_keys(spec: ModelSpec, include_in_proj: bool = True) -> list[str]:
@@ -36,7 +36,10 @@ def quantize_checkpoint(
     if missing:
         raise QvecError(f"{ckpt.name()}: quantization target {missing[0]!r} is not in the checkpoint (is it a {spec}?)")
     state = {k: v.clone() for k, v in ckpt.state.items()}
-    quantize_state_dict_(state, keys, quant)
+    try:
+        quantize_state_dict_(state, keys, quant)
+    except NonFiniteWeightError as e:
+        raise NonFiniteWeightError(f"{ckpt.name()}: {e}") from None
     meta = dict(ckpt.meta)
     meta[META_QUANT] = json.dumps({**quant.to_dict(), "include_in_proj": include_in_proj})
     meta[META_KIND] = f"{meta.get(META_KIND, 'model')}+ptq"

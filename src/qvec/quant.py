@@ -78,13 +78,27 @@ def _grouped_view(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     return w2.reshape(-1, spec.group_size)
 
 
+class NonFiniteWeightError(QvecError):
+    """A weight holds NaN or Inf: RTN would spread it over its whole row (through the row maximum), so refuse."""
+
+
+def _require_finite(row_stat: torch.Tensor) -> None:
+    """NaN and Inf propagate into the row maxima (and minima) that RTN computes anyway: one cheap check of those."""
+    if not bool(torch.isfinite(row_stat).all()):
+        bad = "NaN" if bool(torch.isnan(row_stat).any()) else "Inf"
+        raise NonFiniteWeightError(f"weight contains {bad}; refusing to quantize it")
+
+
 def compute_qparams(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scales (and zero points when asymmetric), one per row of ``_grouped_view(w)``; shape (rows, 1)."""
     g = _grouped_view(w.detach(), spec).float()
     if spec.symmetric:
-        return g.abs().amax(dim=1, keepdim=True).clamp_min(_EPS) / spec.qmax, None
+        amax = g.abs().amax(dim=1, keepdim=True)
+        _require_finite(amax)
+        return amax.clamp_min(_EPS) / spec.qmax, None
     lo = g.amin(dim=1, keepdim=True).clamp(max=0.0)
     hi = g.amax(dim=1, keepdim=True).clamp(min=0.0)
+    _require_finite(hi - lo)
     scale = ((hi - lo) / spec.qmax).clamp_min(_EPS)
     zero = torch.round(-lo / scale).clamp(0, spec.qmax)
     return scale, zero
@@ -119,11 +133,14 @@ def dequantize_codes(
 def _fake_quant_rows_(g: torch.Tensor, spec: QuantSpec) -> None:
     """In place: each row of ``g`` becomes its own RTN reconstruction."""
     if spec.symmetric:
-        scale = g.abs().amax(dim=1, keepdim=True).clamp_min_(_EPS).div_(spec.qmax)
+        scale = g.abs().amax(dim=1, keepdim=True)
+        _require_finite(scale)
+        scale = scale.clamp_min_(_EPS).div_(spec.qmax)
         g.div_(scale).round_().clamp_(spec.qmin, spec.qmax).mul_(scale)
         return
     lo = g.amin(dim=1, keepdim=True).clamp_(max=0.0)
     hi = g.amax(dim=1, keepdim=True).clamp_(min=0.0)
+    _require_finite(hi - lo)
     scale = hi.sub_(lo).div_(spec.qmax).clamp_min_(_EPS)
     zero = lo.div_(scale).neg_().round_().clamp_(0, spec.qmax)
     g.div_(scale).round_().add_(zero).clamp_(spec.qmin, spec.qmax).sub_(zero).mul_(scale)
@@ -227,7 +244,10 @@ def quantize_(model: nn.Module, spec: QuantSpec, targets: Sequence[Target] | Non
     if targets is None:
         targets = find_targets(model)
     for t in targets:
-        fake_quantize_(_raw_param(t.module, t.attr), spec)
+        try:
+            fake_quantize_(_raw_param(t.module, t.attr), spec)
+        except NonFiniteWeightError as e:
+            raise NonFiniteWeightError(f"{t.key}: {e}") from None
     return [t.key for t in targets]
 
 
@@ -238,5 +258,8 @@ def quantize_state_dict_(
     for k in keys:
         if k not in state:
             raise QvecError(f"quantization target {k!r} is not in the checkpoint")
-        fake_quantize_(state[k], spec)
+        try:
+            fake_quantize_(state[k], spec)
+        except NonFiniteWeightError as e:
+            raise NonFiniteWeightError(f"{k}: {e}") from None
     return state

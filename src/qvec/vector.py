@@ -19,6 +19,7 @@ from . import __version__
 from .checkpoint import (
     META_FINGERPRINT,
     META_FORMAT,
+    META_KIND,
     META_MODEL,
     META_QUANT,
     META_TASK,
@@ -30,6 +31,24 @@ from .errors import QvecError
 
 META_PARAMS = "qvec.num_params"
 META_DONOR = "qvec.donor"
+
+
+def _check_roles(ft: Checkpoint, qat: Checkpoint) -> None:
+    """The FT / QAT headers must match their roles (see :meth:`QuantVector.from_checkpoints`)."""
+    if ft.path is not None and qat.path is not None and Path(ft.path).resolve() == Path(qat.path).resolve():
+        raise QvecError(f"{ft.path}: given as both the FT and the QAT checkpoint; the vector would be zero")
+    ft_kind, qat_kind = ft.meta.get(META_KIND), qat.meta.get(META_KIND)
+    if ft_kind == "qat" and qat_kind == "ft":
+        raise QvecError(f"--ft {ft.name()} is a QAT checkpoint and --qat {qat.name()} an FT one: swapped? (the "
+                        "vector would be -tau)")
+    if ft_kind not in (None, "ft"):
+        raise QvecError(f"{ft.name()}: header says kind {ft_kind!r}; the FT checkpoint must be kind 'ft'")
+    if qat_kind not in (None, "qat"):
+        raise QvecError(f"{qat.name()}: header says kind {qat_kind!r}; the QAT checkpoint must be kind 'qat'")
+    ft_task, qat_task = ft.meta.get(META_TASK), qat.meta.get(META_TASK)
+    if ft_task and qat_task and ft_task != qat_task:
+        raise QvecError(f"the FT checkpoint is of task {ft_task!r} and the QAT one of {qat_task!r}: a donor's "
+                        "vector needs both of one task")
 
 
 def _check_finite(key: str, t: torch.Tensor, source: str) -> None:
@@ -104,10 +123,17 @@ class QuantVector:
         return cls(out, meta)
 
     @classmethod
-    def from_checkpoints(cls, ft: Checkpoint, qat: Checkpoint, allow_fingerprint_mismatch: bool = False) -> QuantVector:
-        """The donor's vector from its FT and QAT checkpoints (both trained from the same theta_0)."""
+    def from_checkpoints(cls, ft: Checkpoint, qat: Checkpoint, allow_fingerprint_mismatch: bool = False,
+                         check_roles: bool = True) -> QuantVector:
+        """The donor's vector from its FT and QAT checkpoints (both trained from the same theta_0).
+
+        With ``check_roles`` (the default) the headers must agree with the roles: the FT file says ``ft`` and the
+        QAT file ``qat`` (swapped files would give -tau), both are of one task (else the donor is mislabelled), and
+        they are not the same file or the same weights (a zero vector)."""
         from .models import get_adapter
 
+        if check_roles:
+            _check_roles(ft, qat)
         ft_spec, qat_spec = ft.model_spec, qat.model_spec
         if (ft_spec.family, ft_spec.name) != (qat_spec.family, qat_spec.name):
             raise QvecError(f"architectures differ: {ft.name()} is {ft_spec}, {qat.name()} is {qat_spec}")
@@ -120,7 +146,7 @@ class QuantVector:
         }
         if ft.fingerprint:
             meta[META_FINGERPRINT] = ft.fingerprint
-        return cls.from_state_dicts(
+        vec = cls.from_state_dicts(
             ft.state,
             qat.state,
             adapter.backbone_keys(ft.state),
@@ -128,6 +154,10 @@ class QuantVector:
             ft.name("the FT checkpoint"),
             qat.name("the QAT checkpoint"),
         )
+        if check_roles and all(not bool(t.any()) for t in vec.tensors.values()):
+            raise QvecError(f"{ft.name()} and {qat.name()} hold the same backbone weights: the vector would be zero "
+                            "(pass the donor's QAT checkpoint as --qat)")
+        return vec
 
     # ------------------------------------------------------------------------------------- arithmetic
     def _check_other(self, other: QuantVector) -> None:
@@ -200,8 +230,8 @@ class QuantVector:
         With ``inplace`` the receiver's tensors are updated in place (no new memory: the fast path for grids that
         load a receiver once per patch); otherwise a new state dict is returned and the receiver is untouched.
         """
-        if not math.isfinite(lam):
-            raise QvecError(f"lambda must be finite, got {lam}")
+        if not math.isfinite(lam) or abs(lam) > torch.finfo(torch.float32).max:
+            raise QvecError(f"lambda must be a finite float32 number, got {lam}")
         check_fingerprints(self.fingerprint, receiver_fingerprint, receiver_name, allow_fingerprint_mismatch)
         check_same_layout(receiver, self.tensors, self.tensors, receiver_name, "the vector")
         out = dict(receiver) if inplace else {}
@@ -216,6 +246,9 @@ class QuantVector:
             if not _sum_is_finite(out[k]):  # one reduction instead of a full isfinite mask per tensor
                 _check_finite(k, t, receiver_name)
                 _check_finite(k, self.tensors[k], "the vector")
+                if not bool(torch.isfinite(out[k]).all()):
+                    raise QvecError(f"lambda {lam:g} overflows tensor {k!r} (receiver + lambda * vector is not "
+                                    "finite)")
         return out
 
     def apply(
@@ -229,6 +262,15 @@ class QuantVector:
         vspec = self.model_spec
         if rspec is not None and vspec is not None and (rspec.family, rspec.name) != (vspec.family, vspec.name):
             raise QvecError(f"{receiver.name('the receiver')} is {rspec}, but the vector was made for {vspec}")
+        if vspec is not None:
+            from .models import get_adapter
+
+            adapter = get_adapter(vspec)
+            extra = [k for k, v in receiver.state.items()
+                     if k not in self.tensors and v.is_floating_point() and not adapter.is_head(k)]
+            if extra:
+                raise QvecError(f"{receiver.name('the receiver')}: unexpected key {extra[0]!r} (not in the vector's "
+                                f"backbone or a head; {len(extra)} extra in all)")
         state = self.apply_to_state(
             receiver.state,
             lam,

@@ -11,7 +11,7 @@ import sys
 import typer
 from rich.console import Console
 
-from ..errors import QvecError
+from ..errors import QvecError, describe_os_error
 
 app = typer.Typer(
     name="qvec",
@@ -62,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     except typer.Abort:
         console.print("aborted")
         return 130
+    except OSError as e:  # a filesystem error no library call turned into a QvecError: still one line
+        console.print(f"[bold red]error:[/] {describe_os_error(e)}", highlight=False, soft_wrap=True)
+        return 2
     except Exception as e:
         if _is_usage_error(e):  # click's, or the copy of click that typer vendors (typer._click)
             e.show()  # type: ignore[attr-defined]

@@ -63,10 +63,14 @@ def extract(
     output: Output,
     allow_fingerprint_mismatch: AllowFp = False,
     model: ModelOpt = None,
+    ignore_headers: Annotated[bool, typer.Option("--ignore-headers", help="Skip the checks that the FT file is "
+                                                 "kind ft, the QAT file kind qat, both of one task, and different.")]
+    = False,
 ) -> None:
     """Extract the donor's quantization vector tau = theta_QAT - theta_FT (backbone only)."""
     vec = QuantVector.from_checkpoints(
-        load_checkpoint(ft, model), load_checkpoint(qat, model), allow_fingerprint_mismatch
+        load_checkpoint(ft, model), load_checkpoint(qat, model), allow_fingerprint_mismatch,
+        check_roles=not ignore_headers,
     )
     vec.save(output)
     out.print(f"wrote {output}: {len(vec.tensors)} tensors, {vec.num_params:,} params, norm {vec.norm():.4f}")

@@ -128,7 +128,7 @@ def grid_plan(
     status = None
     db_path = db or d_db
     if db_path.is_file():
-        with ResultStore(db_path) as store:
+        with ResultStore(db_path, create=False) as store:
             status = job_status(plan, store)
     print(describe_plan(plan, status))
 
@@ -165,7 +165,7 @@ def grid_export(
         raise QvecError("give --csv PATH and/or --parquet PATH")
     if not db.is_file():
         raise QvecError(f"{db}: no such results database")
-    with ResultStore(db) as store:
+    with ResultStore(db, create=False) as store:
         if study is not None:
             store.resolve_study(study)
         n = store.count(study)

@@ -551,9 +551,9 @@ def write_report(db: str | os.PathLike, out_dir: str | os.PathLike, study: str |
                  preamble: str = "") -> Path:
     """Write every table and figure of a study (default: the most recent) and ``report.md``; returns its path."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    with ResultStore(db) as store:
+    with ResultStore(db, create=False) as store:
         data = load_study(store, study)
+    out.mkdir(parents=True, exist_ok=True)
     if not data.bits:
         raise QvecError(f"study {data.study!r} has no quantized results yet")
     md: list[str] = [f"# {data.study}: quantization-vector transfer report", ""]
@@ -608,7 +608,7 @@ def write_report(db: str | os.PathLike, out_dir: str | os.PathLike, study: str |
 def print_summary(db: str | os.PathLike, study: str | None = None,
                   echo: Callable[[str], None] = print) -> StudyData:
     """Echo the headline table of a study (what ``qvec demo`` prints)."""
-    with ResultStore(db) as store:
+    with ResultStore(db, create=False) as store:
         data = load_study(store, study)
     echo(summary_table(data).markdown())
     return data

@@ -115,17 +115,32 @@ def _create_sql(table: str, cls, primary: str | None) -> str:
 class ResultStore:
     """An SQLite results database (WAL mode). Open one per process; only the grid driver writes to it."""
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, create: bool = True) -> None:
+        """Open (``create``: or make) a results database. Readers (report, export, plan) pass ``create=False``:
+        a missing file, an empty one or another SQLite file is then an error and is left untouched."""
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not create:
+            if self.path.is_dir():
+                raise QvecError(f"{self.path}: is a directory, not a results database")
+            if not self.path.is_file():
+                raise QvecError(f"{self.path}: no such results database")
+            if self.path.stat().st_size == 0:
+                raise QvecError(f"{self.path}: empty file, not a results database")
         try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             self.conn = sqlite3.connect(str(self.path), timeout=60.0, isolation_level=None)
             self.conn.row_factory = sqlite3.Row
+            if not create and self.conn.execute(
+                    "SELECT 1 FROM sqlite_master WHERE type='table' AND name='studies'").fetchone() is None:
+                self.conn.close()
+                raise QvecError(f"{self.path}: an SQLite file without qvec results")
             self.conn.execute("PRAGMA journal_mode=WAL")
             self.conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable against process kills
             self._init_schema()
         except sqlite3.DatabaseError as e:
             raise QvecError(f"{self.path}: not a usable results database ({e})") from None
+        except OSError as e:
+            raise QvecError(f"{self.path}: cannot open the results database ({e.strerror})") from None
 
     def _init_schema(self) -> None:
         with self.transaction():

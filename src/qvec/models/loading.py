@@ -17,8 +17,6 @@ def read_any_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
     path = Path(path)
     if path.suffix in (".pt", ".pth", ".bin"):
-        if not path.is_file():
-            raise QvecError(f"{path}: no such file")
         return read_torch_state_dict(path)
     return read_safetensors(path)[0]
 

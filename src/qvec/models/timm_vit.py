@@ -47,7 +47,7 @@ class SmallViTAdapter(ModelAdapter):
             raise QvecError(
                 f"built-in model {spec.name!r} has no hub weights; pretrain one with 'qvec pretrain' and pass its file"
             )
-        model = build_small_vit(spec.name, spec.num_classes, **spec.options)
+        model = _check_patch_grid(build_small_vit(spec.name, spec.num_classes, **spec.options), spec)
         if weights:
             from .loading import load_backbone_weights
 
