@@ -290,3 +290,9 @@ def test_pickle_refusal_does_not_advise_unsafe_loading(tmp_path, capsys):
     torch.save({"w": torch.zeros(2), "obj": Path("x")}, path)
     text = one_line_error(capsys, "holds pickled Python objects beyond tensors", "inspect", path)
     assert "weights_only" not in text
+
+
+def test_error_text_with_brackets_is_printed_as_is(tmp_path, capsys):
+    """Messages are not rich markup: '[pretrain]' must reach the user."""
+    one_line_error(capsys, "add a [pretrain] section", "grid", "plan", "--model", "qvec:vit-nano", "--tasks",
+                   "stripes", "--workdir", tmp_path)

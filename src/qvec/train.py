@@ -59,6 +59,30 @@ def state_path(out: str | Path) -> Path:
     return Path(out).with_suffix(".state.pt")
 
 
+def progress_path(out: str | Path) -> Path:
+    """The small JSON file a running training keeps current (step, total, img/s), for grid drivers to show."""
+    return Path(out).with_suffix(".progress.json")
+
+
+class _ProgressFile:
+    """Writes ``{"step", "total", "ips", "title"}`` beside the output at most every ``every_s`` seconds."""
+
+    def __init__(self, out: Path, total: int, title: str, every_s: float = 2.0) -> None:
+        self.path, self.total, self.title, self.every_s, self.last = progress_path(out), total, title, every_s, 0.0
+
+    def update(self, step: int, ips: float) -> None:
+        now = time.monotonic()
+        if now - self.last >= self.every_s or step >= self.total:
+            self.last = now
+            try:
+                _write_json(self.path, {"step": step, "total": self.total, "ips": round(ips, 1), "title": self.title})
+            except QvecError:
+                pass  # progress is a courtesy: a full disk shows up where the checkpoint is written
+
+    def close(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
 def log_path_for(out: str | Path) -> Path:
     """The default JSON log next to ``out``."""
     return Path(out).with_suffix(".log.json")
@@ -227,6 +251,7 @@ def _train(job: _Job, resume: bool = True, on_epoch: Callable[[int], None] | Non
     bar, bar_job = _progress(job.progress, total, start_epoch * steps_per_epoch,
                              f"{job.kind} {job.spec.name} {task.name}")
     step = start_epoch * steps_per_epoch
+    shown = _ProgressFile(job.out, total, f"{job.kind} {job.spec.name} {task.name}")
     try:
         for epoch in range(start_epoch, epochs):
             model.train()
@@ -260,8 +285,9 @@ def _train(job: _Job, resume: bool = True, on_epoch: Callable[[int], None] | Non
                 step += 1
                 loss_sum += batch_loss
                 seen += len(idx)
+                ips = seen / max(1e-9, time.perf_counter() - t0)
+                shown.update(step, ips)
                 if bar is not None:
-                    ips = seen / max(1e-9, time.perf_counter() - t0)
                     bar.update(bar_job, advance=1, loss=f"{batch_loss / len(idx):.4f}", ips=f"{ips:.0f}")
             epoch_train_s = time.perf_counter() - t0
             train_seconds += epoch_train_s
@@ -283,6 +309,7 @@ def _train(job: _Job, resume: bool = True, on_epoch: Callable[[int], None] | Non
             if on_epoch is not None:
                 on_epoch(epoch + 1)
     finally:
+        shown.close()
         if bar is not None:
             bar.stop()
     if job.qat is not None:

@@ -10,6 +10,7 @@ import sys
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from ..errors import QvecError, describe_os_error
 
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         app(args=argv, standalone_mode=False)
     except QvecError as e:
-        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         return 2
     except typer.Exit as e:
         return e.exit_code
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         console.print("aborted")
         return 130
     except OSError as e:  # a filesystem error no library call turned into a QvecError: still one line
-        console.print(f"[bold red]error:[/] {describe_os_error(e)}", highlight=False, soft_wrap=True)
+        console.print(f"[bold red]error:[/] {escape(describe_os_error(e))}", highlight=False, soft_wrap=True)
         return 2
     except Exception as e:
         if _is_usage_error(e):  # click's, or the copy of click that typer vendors (typer._click)

@@ -32,7 +32,10 @@ Address = Annotated[str | None, typer.Option("--address", help="Ray cluster addr
 Workers = Annotated[int | None, typer.Option(
     "--workers", "-w", help="Worker processes (default: one per CPU, at most 4; 1 = sequential in this process); "
     "with --executor ray and no --address, the CPUs of the Ray cluster started here.")]
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No per-job lines.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No per-job lines or progress bars.")]
+Threads = Annotated[int | None, typer.Option("--threads", help="Torch threads per job (default: every CPU for "
+                                             "pretraining, CPUs / workers otherwise). On a busy machine fewer "
+                                             "threads can be much faster.")]
 
 
 def _csv(text: str | None, cast=str) -> list | None:
@@ -53,10 +56,12 @@ def _load(config: Path | None, data: Path | None, name: str | None, model: str |
     return load_config(config, overrides, check_tasks=check_tasks)
 
 
-def _executor(name: str, address: str | None, workers: int | None, progress: bool, gpus_per_job: float = 0):
+def _executor(name: str, address: str | None, workers: int | None, progress: bool, gpus_per_job: float = 0,
+              threads: int | None = None):
     from ..grid.executors import make_executor
 
-    return make_executor(name, address=address, workers=workers, progress=progress, gpus_per_job=gpus_per_job)
+    return make_executor(name, address=address, workers=workers, progress=progress, gpus_per_job=gpus_per_job,
+                         threads=threads)
 
 
 NameOpt = Annotated[str | None, typer.Option("--name", help="Study name (default: the config file's stem).")]
@@ -85,15 +90,16 @@ def grid_run(
     lambdas: LambdasOpt = None,
     backbone: BackboneOpt = None,
     gpus_per_job: GpusOpt = 0,
+    threads: Threads = None,
     quiet: Quiet = False,
 ) -> None:
     """Run (or resume) a donor x receiver grid; finished jobs are never repeated."""
     from ..grid import default_paths, run_grid
 
+    ex = _executor(executor, address, workers, not quiet, gpus_per_job, threads)  # bad flags fail first
     cfg = _load(config, data, name, model, tasks, bits, lambdas, backbone)
     d_db, d_art = default_paths(cfg, workdir)
-    summary = run_grid(cfg, db=db or d_db, artifacts=artifacts or d_art,
-                       executor=_executor(executor, address, workers, not quiet, gpus_per_job),
+    summary = run_grid(cfg, db=db or d_db, artifacts=artifacts or d_art, executor=ex,
                        log=None if quiet else lambda m: err.print(m, highlight=False))
     out.print(f"study {summary.study}: {summary.executed} jobs run, {summary.skipped} already done, "
               f"{summary.new_rows} new results in {summary.seconds:.0f}s -> {summary.db}")
@@ -206,12 +212,13 @@ def demo_cmd(
     executor: ExecutorOpt = "local",
     address: Address = None,
     workers: Workers = None,
+    threads: Threads = None,
     quiet: Quiet = False,
 ) -> None:
     """A small end-to-end study in a few minutes, no network or data folder needed."""
     from ..grid.studies import run_demo
 
-    run = run_demo(workdir, data, _executor(executor, address, workers, progress=not quiet),
+    run = run_demo(workdir, data, _executor(executor, address, workers, progress=not quiet, threads=threads),
                    log=None if quiet else lambda m: err.print(m, highlight=False))
     _print_study(run)
 
@@ -227,12 +234,14 @@ def reproduce_mini_cmd(
     executor: ExecutorOpt = "local",
     address: Address = None,
     workers: Workers = None,
+    threads: Threads = None,
     quiet: Quiet = False,
 ) -> None:
     """The CPU-scale replication on the 7 local tasks at 3, 2 and 4 bits (about 70 minutes on 2 cores)."""
     from ..grid.studies import reproduce_mini
 
-    run = reproduce_mini(data, workdir, output, config, _executor(executor, address, workers, progress=not quiet),
+    run = reproduce_mini(data, workdir, output, config,
+                         _executor(executor, address, workers, progress=not quiet, threads=threads),
                          log=None if quiet else lambda m: err.print(m, highlight=False))
     _print_study(run)
 
@@ -251,12 +260,13 @@ def reproduce_dinov2_cmd(
     executor: ExecutorOpt = "local",
     address: Address = None,
     workers: Workers = None,
+    threads: Threads = None,
     quiet: Quiet = False,
 ) -> None:
     """The paper's study on the real DINOv2 ViT-S/14 backbone, sized for 2 CPU cores (resumable)."""
     from ..grid.studies import reproduce_study
 
     run = reproduce_study("dinov2-s", data, workdir, output, config,
-                          _executor(executor, address, workers, progress=not quiet),
+                          _executor(executor, address, workers, progress=not quiet, threads=threads),
                           log=None if quiet else lambda m: err.print(m, highlight=False), backbone=weights)
     _print_study(run)

@@ -20,6 +20,7 @@ is kept among ready jobs, so evaluation cells of one receiver tend to land on th
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable, Sequence
 
 from ..errors import QvecError
@@ -73,6 +74,8 @@ class ParallelExecutor(Executor):
 
     slots: int = 1  # jobs that can run at once
     cpus: int = 1
+    threads: int | None = None  # torch threads of every job (None: the rule of threads_for)
+    monitor = None  # a JobMonitor showing the jobs in flight, or None
 
     def threads_for(self, job: Job) -> int:
         """Torch threads of a job: every CPU for pretraining, which always runs alone (everything waits for it),
@@ -80,6 +83,8 @@ class ParallelExecutor(Executor):
         at 315 img/s on 2 threads against 180 on 1; on busy shared cores a second thread is 3-9x slower, which is
         why every other job gets one. A fixed rule, not the current load, also means a resumed run trains with
         the threads of an uninterrupted one, so its weights (and table) are identical."""
+        if self.threads is not None:
+            return self.threads
         return self.cpus if job.kind == "pretrain" else max(1, self.cpus // self.slots)
 
     def _start(self) -> None: ...
@@ -90,7 +95,8 @@ class ParallelExecutor(Executor):
         raise NotImplementedError
 
     def _wait(self, handles: list) -> list[tuple[object, JobOutput | None, BaseException | None]]:
-        """Block until at least one handle is finished; return (handle, output, error) for the finished ones."""
+        """Wait until a handle is finished (at most a second when a monitor is shown); return (handle, output,
+        error) for the finished ones."""
         raise NotImplementedError
 
     def run(self, jobs: Sequence[Job], dispatch: Dispatch, on_done: OnDone) -> None:
@@ -100,6 +106,8 @@ class ParallelExecutor(Executor):
         try:
             self._loop(jobs, dispatch, on_done)
         finally:
+            if self.monitor is not None:
+                self.monitor.close()
             self._stop()
 
     def _loop(self, jobs: Sequence[Job], dispatch: Dispatch, on_done: OnDone) -> None:
@@ -117,6 +125,8 @@ class ParallelExecutor(Executor):
                 pending = [j for j in pending if j.id not in taken]
             if not in_flight:
                 break  # everything left depends on a failed job
+            if self.monitor is not None:
+                self.monitor.update(list(in_flight.values()))
             for handle, out, error in self._wait(list(in_flight)):
                 job = in_flight.pop(handle)
                 if error is not None:
@@ -147,7 +157,8 @@ class PoolExecutor(ParallelExecutor):
 
     name = "local"
 
-    def __init__(self, workers: int, runner: Runner = execute_job) -> None:
+    def __init__(self, workers: int, runner: Runner = execute_job, threads: int | None = None) -> None:
+        self.threads = threads
         self.slots = workers
         self.cpus = max(workers, usable_cpus())
         self.runner = runner
@@ -173,7 +184,7 @@ class PoolExecutor(ParallelExecutor):
     def _wait(self, handles: list):
         from concurrent.futures import FIRST_COMPLETED, wait
 
-        finished, _ = wait(handles, return_when=FIRST_COMPLETED)
+        finished, _ = wait(handles, timeout=1.0 if self.monitor is not None else None, return_when=FIRST_COMPLETED)
         return [(f, None if f.exception() else f.result(), f.exception()) for f in finished]
 
 
@@ -240,7 +251,7 @@ class RayExecutor(ParallelExecutor):
         return self._remote.remote(self.runner, job)
 
     def _wait(self, handles: list):
-        finished, _ = self._ray.wait(handles, num_returns=1)
+        finished, _ = self._ray.wait(handles, num_returns=1, timeout=1.0 if self.monitor is not None else None)
         out = []
         for ref in finished:
             try:
@@ -256,18 +267,37 @@ def default_workers() -> int:
 
 
 def make_executor(name: str, *, address: str | None = None, num_cpus: int | None = None,
-                  workers: int | None = None, progress: bool = False, gpus_per_job: float = 0) -> Executor:
+                  workers: int | None = None, progress: bool = False, gpus_per_job: float = 0,
+                  threads: int | None = None) -> Executor:
     """An executor by name: ``local`` (``workers`` processes; 1 = in this process) or ``ray``.
 
+    ``progress`` shows training progress: bars of the running jobs when stderr is a terminal. ``threads`` fixes
+    the torch threads of every local job (default: every CPU for pretraining, an equal share otherwise).
     ``gpus_per_job`` (Ray only) reserves GPUs for each job; jobs then train and evaluate on their GPU.
     """
+    if threads is not None and threads < 1:
+        raise QvecError(f"--threads must be >= 1, got {threads}")
     if name == "local":
         if address:
             raise QvecError("--address is only for --executor ray")
         n = default_workers() if workers is None else workers
         if n < 1:
             raise QvecError(f"--workers must be >= 1, got {n}")
-        return LocalExecutor(progress=progress) if n == 1 else PoolExecutor(n)
-    if name == "ray":
-        return RayExecutor(address=address, num_cpus=num_cpus or workers, gpus_per_job=gpus_per_job)
-    raise QvecError(f"unknown executor {name!r}; choose local or ray")
+        if n == 1:
+            if threads is not None:
+                import torch
+
+                torch.set_num_threads(threads)
+            return LocalExecutor(progress=progress)
+        ex = PoolExecutor(n, threads=threads)
+    elif name == "ray":
+        if threads is not None:
+            raise QvecError("--threads is for the local executor; Ray pins each job to its CPUs")
+        ex = RayExecutor(address=address, num_cpus=num_cpus or workers, gpus_per_job=gpus_per_job)
+    else:
+        raise QvecError(f"unknown executor {name!r}; choose local or ray")
+    if progress and sys.stderr.isatty():
+        from .monitor import JobMonitor
+
+        ex.monitor = JobMonitor()
+    return ex
