@@ -232,7 +232,7 @@ def test_unknown_builtin_model_fails_before_work(tmp_path, capsys):
 def test_huge_lambda(ckpts, tmp_path, capsys):
     v, p = tmp_path / "v.safetensors", tmp_path / "p.safetensors"
     assert run(capsys, "extract", "--ft", ckpts["ft"], "--qat", ckpts["qat"], "-o", v)[0] == 0
-    one_line_error(capsys, "lambda must be a finite float32 number, got 1e+300", "patch", "-r", ckpts["recv"],
+    one_line_error(capsys, "lambda must be finite and within float32 range, got 1e+300", "patch", "-r", ckpts["recv"],
                    "-v", v, "--lam", "1e300", "-o", p)
     assert not p.exists()
     big = QuantVector({k: torch.full_like(t, 10.0) for k, t in QuantVector.load(v).tensors.items()},

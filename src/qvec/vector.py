@@ -231,7 +231,7 @@ class QuantVector:
         load a receiver once per patch); otherwise a new state dict is returned and the receiver is untouched.
         """
         if not math.isfinite(lam) or abs(lam) > torch.finfo(torch.float32).max:
-            raise QvecError(f"lambda must be a finite float32 number, got {lam}")
+            raise QvecError(f"lambda must be finite and within float32 range, got {lam}")
         check_fingerprints(self.fingerprint, receiver_fingerprint, receiver_name, allow_fingerprint_mismatch)
         check_same_layout(receiver, self.tensors, self.tensors, receiver_name, "the vector")
         out = dict(receiver) if inplace else {}

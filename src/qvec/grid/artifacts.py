@@ -79,3 +79,23 @@ class ArtifactStore:
             return json.loads(p.read_text())
         except (OSError, ValueError):
             return {}
+
+    def link_by_name(self, named: dict[str, Path]) -> Path:
+        """Readable links ``by-name/<name>.safetensors`` -> the content-addressed files (``ft-mnist``,
+        ``qat-w2-mnist``, ``vector-w2-mnist``), so a person can find a study's models by task and kind."""
+        folder = self.root / "by-name"
+        for name, target in named.items():
+            if not target.is_file():
+                continue
+            link = folder / f"{name.replace('/', '-')}{target.suffix}"
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                if link.is_symlink() or link.exists():
+                    if link.resolve() == target.resolve():
+                        continue
+                    link.unlink()
+                link.symlink_to(os.path.relpath(target, folder))
+            except OSError:
+                return folder  # links are a convenience; a filesystem without them still has the files
+        return folder
+

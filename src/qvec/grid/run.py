@@ -118,6 +118,8 @@ def run_grid(
 
         executor.run(pending, dispatch, on_done)
     finally:
+        plan.artifacts.link_by_name({j.id: Path(j.params["out"]) for j in plan.jobs
+                                     if j.kind in ARTIFACT_KINDS and j.params.get("out")})
         _record_trainings(plan, store)
         summary.seconds = time.perf_counter() - t0
         store.close()
