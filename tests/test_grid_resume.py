@@ -79,3 +79,13 @@ def test_sigkill_mid_run_then_restart_matches_uninterrupted(tmp_path):
     assert not repeated, f"finished jobs executed twice: {repeated}"
     with sqlite3.connect(ref / "k.db") as con:
         assert sum(runs.values()) <= con.execute("SELECT COUNT(*) FROM jobs").fetchone()[0]
+
+
+@pytest.mark.slow
+def test_kill_trials_script_counts_nothing_left_behind():
+    """benchmarks/kill_trials.py (3 trials each here; 20 for the figures in docs/grid.md) exits 0 only when no
+    torn output, temp file, lost, extra or differing row and no repeated job was found."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "kill_trials.py"
+    r = subprocess.run([sys.executable, str(script), "--trials", "3"], capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "lost rows 0" in r.stdout and "temp files after the next write 0" in r.stdout

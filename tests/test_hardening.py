@@ -296,3 +296,23 @@ def test_error_text_with_brackets_is_printed_as_is(tmp_path, capsys):
     """Messages are not rich markup: '[pretrain]' must reach the user."""
     one_line_error(capsys, "add a [pretrain] section", "grid", "plan", "--model", "qvec:vit-nano", "--tasks",
                    "stripes", "--workdir", tmp_path)
+
+
+def test_commands_that_write_folders_fail_in_one_line(tmp_path, capsys):
+    """grid export into a directory, demo and grid run with a workdir under a plain file."""
+    from qvec.grid.store import ResultStore
+
+    db = tmp_path / "r.db"
+    ResultStore(db).close()
+    d = tmp_path / "adir"
+    d.mkdir()
+    one_line_error(capsys, f"{d}: is a directory; give a file name", "grid", "export", db, "--csv", d)
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    code, text = run(capsys, "demo", "--workdir", plain / "w", "--quiet")
+    assert code == 2 and len(text.splitlines()) == 1 and str(plain) in text and "Traceback" not in text, text
+    data = tmp_path / "data"
+    write_task(data)
+    code, text = run(capsys, "grid", "run", "--model", "qvec:vit-nano", "--tasks", "stripes", "--data", data,
+                     "--backbone", str(db), "--workdir", plain / "w", "--quiet")
+    assert code == 2 and len(text.splitlines()) == 1 and str(plain) in text and "Traceback" not in text, text
