@@ -138,15 +138,20 @@ def test_full_disk_leaves_nothing(ckpts, tmp_path, capsys, monkeypatch):
     assert not out.exists() and leftovers(tmp_path / "out") == []
 
 
-def test_report_into_a_file_path_is_one_line(tmp_path, capsys):
-    db = tmp_path / "r.db"
+def test_report_into_a_file_path_is_one_line(tmp_path, capsys, monkeypatch):
+    """A study with results, reported into a folder under a plain file: one line naming that path."""
+    from types import SimpleNamespace
+
+    from qvec.grid import report
     from qvec.grid.store import ResultStore
 
+    db = tmp_path / "r.db"
     ResultStore(db).close()
+    monkeypatch.setattr(report, "load_study", lambda store, study: SimpleNamespace(bits=[3], study="s"))
     target = tmp_path / "plain.txt"
     target.write_text("x")
     code, text = run(capsys, "report", db, "-o", target / "sub")
-    assert code == 2 and len(text.splitlines()) == 1 and "Traceback" not in text, text
+    assert code == 2 and len(text.splitlines()) == 1 and str(target) in text and "Traceback" not in text, text
 
 
 # ------------------------------------------------------------------------------------------ 4. extract roles

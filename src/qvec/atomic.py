@@ -8,6 +8,7 @@ permissions (``0666 & ~umask``), as ``open`` gives them, not ``mkstemp``'s 0600.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import time
@@ -23,7 +24,11 @@ STALE_AFTER_S = 3600.0
 
 
 def _host() -> str:
-    return "".join(c if c.isalnum() or c in "-_" else "_" for c in socket.gethostname())[:40] or "host"
+    """This machine in a temporary name: a readable prefix plus a hash of the full name (cluster nodes whose
+    names share a long prefix stay apart)."""
+    name = socket.gethostname()
+    short = "".join(c if c.isalnum() or c in "-_" else "_" for c in name)[:24] or "host"
+    return f"{short}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
 
 
 def temp_path_for(path: Path) -> Path:
@@ -96,6 +101,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, path)
     except OSError as e:
         _discard(tmp)
+        if e.filename is not None and Path(e.filename) not in (tmp, path):
+            raise  # about another file (an unreadable source): the caller's message names it
         raise os_error(e, path) from None
     except RuntimeError as e:  # torch.save reports a failed write (a full disk) as a RuntimeError
         _discard(tmp)

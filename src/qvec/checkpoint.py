@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save
+from safetensors.torch import load_file
 
 from . import __version__
-from .atomic import atomic_path, write_bytes_atomic  # noqa: F401  (atomic_path: re-exported)
+from .atomic import atomic_path
 from .errors import QvecError
 
 META_FORMAT = "qvec.format"
@@ -38,9 +38,40 @@ def save_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor
     meta.setdefault(META_VERSION, __version__)
     clean = {k: v.detach().contiguous().clone() if _shares_storage(v) else v.detach().contiguous()
              for k, v in tensors.items()}
-    # safetensors' save_file renames its own temporary file (mode 0600, left behind when killed): serialize to
-    # bytes and write them through qvec's atomic writer instead.
-    write_bytes_atomic(path, save(clean, metadata=meta))
+    # safetensors' save_file renames a temporary file of its own (mode 0600, left behind when killed), so the file
+    # is streamed here, tensor by tensor, into qvec's atomic writer: no second copy of the model in memory.
+    with atomic_path(path) as tmp:
+        with open(tmp, "xb") as f:
+            write_safetensors_stream(f, clean, meta)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL"}
+
+
+def write_safetensors_stream(f, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
+    """The safetensors format written to an open binary file: an 8-byte little-endian header length, the JSON
+    header (dtype, shape, byte offsets; ``__metadata__``), padded with spaces to 8 bytes, then the raw tensors."""
+    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    offset, order = 0, sorted(tensors)
+    for k in order:
+        t = tensors[k]
+        if t.dtype not in _ST_DTYPES:
+            raise QvecError(f"tensor {k!r}: dtype {t.dtype} cannot be stored in safetensors")
+        n = t.numel() * t.element_size()
+        header[k] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    f.write(len(raw).to_bytes(8, "little"))
+    f.write(raw)
+    for k in order:
+        t = tensors[k].detach().cpu().contiguous()
+        if t.numel():
+            f.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())
 
 
 def _shares_storage(t: torch.Tensor) -> bool:

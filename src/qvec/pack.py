@@ -82,6 +82,9 @@ def pack_state(
     keyset = set(keys)
     for k, t in state.items():
         if k not in keyset:
+            if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t.sum())) and not bool(
+                    torch.isfinite(t).all()):
+                raise NonFiniteWeightError(f"{k}: tensor contains NaN or Inf")
             out[k] = t
             continue
         try:
@@ -118,8 +121,11 @@ def unpack_state(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> dict
             raise QvecError(f"packed tensor {k!r}: {rows} scales do not divide {count} weights")
         if not bool(torch.isfinite(scale).all()):
             raise QvecError(f"packed tensor {k!r} has NaN or Inf scales")
+        dtype = getattr(torch, str(dtypes.get(k, "")), None)
+        if not isinstance(dtype, torch.dtype):
+            raise QvecError(f"packed checkpoint header is malformed (no valid dtype for {k!r})")
         w = dequantize_codes(levels.reshape(rows, -1), scale, tensors.get(k + ZERO), quant, shape)
-        state[k] = w.to(getattr(torch, dtypes[k]))
+        state[k] = w.to(dtype)
     for k, v in state.items():
         if k not in shapes and v.is_floating_point() and v.numel() and not bool(torch.isfinite(v.sum())):
             if not bool(torch.isfinite(v).all()):

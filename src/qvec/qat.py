@@ -26,7 +26,7 @@ class FakeQuantSTE(nn.Module):
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            wq = fake_quantize_(w.detach().clone(), self.spec)
+            wq = fake_quantize_(w.detach().clone(), self.spec, check_finite=False)
         return w + (wq - w).detach()
 
     def extra_repr(self) -> str:

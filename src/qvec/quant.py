@@ -98,7 +98,8 @@ def compute_qparams(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, tor
         return amax.clamp_min(_EPS) / spec.qmax, None
     lo = g.amin(dim=1, keepdim=True).clamp(max=0.0)
     hi = g.amax(dim=1, keepdim=True).clamp(min=0.0)
-    _require_finite(hi - lo)
+    _require_finite(hi)
+    _require_finite(lo)
     scale = ((hi - lo) / spec.qmax).clamp_min(_EPS)
     zero = torch.round(-lo / scale).clamp(0, spec.qmax)
     return scale, zero
@@ -130,38 +131,43 @@ def dequantize_codes(
     return (q * scale.float()).reshape(shape)
 
 
-def _fake_quant_rows_(g: torch.Tensor, spec: QuantSpec) -> None:
-    """In place: each row of ``g`` becomes its own RTN reconstruction."""
+def _fake_quant_rows_(g: torch.Tensor, spec: QuantSpec, check: bool = True) -> None:
+    """In place: each row of ``g`` becomes its own RTN reconstruction (``check``: refuse NaN/Inf rows)."""
     if spec.symmetric:
         scale = g.abs().amax(dim=1, keepdim=True)
-        _require_finite(scale)
+        if check:
+            _require_finite(scale)
         scale = scale.clamp_min_(_EPS).div_(spec.qmax)
         g.div_(scale).round_().clamp_(spec.qmin, spec.qmax).mul_(scale)
         return
     lo = g.amin(dim=1, keepdim=True).clamp_(max=0.0)
     hi = g.amax(dim=1, keepdim=True).clamp_(min=0.0)
-    _require_finite(hi - lo)
+    if check:
+        _require_finite(hi)
+        _require_finite(lo)
     scale = hi.sub_(lo).div_(spec.qmax).clamp_min_(_EPS)
     zero = lo.div_(scale).neg_().round_().clamp_(0, spec.qmax)
     g.div_(scale).round_().add_(zero).clamp_(spec.qmin, spec.qmax).sub_(zero).mul_(scale)
 
 
-def fake_quantize_(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+def fake_quantize_(w: torch.Tensor, spec: QuantSpec, check_finite: bool = True) -> torch.Tensor:
     """Replace ``w`` in place by its quantize-dequantize reconstruction ``clamp(round(w/s), qmin, qmax) * s``.
 
     Rows are processed in cache-sized blocks, so the several elementwise passes touch main memory once. A
     non-contiguous ``w`` (a transposed view from a state dict) is quantized through a contiguous copy, since the
-    grouped view of it would be a copy and the in-place result would be lost.
+    grouped view of it would be a copy and the in-place result would be lost. NaN/Inf are refused
+    (:class:`NonFiniteWeightError`) unless ``check_finite`` is off, as in the QAT forward, where the training
+    loop's loss check reports divergence and a per-row check would cost a device sync per layer.
     """
     if not w.is_floating_point():
         raise QvecError(f"can only quantize floating-point tensors, got {w.dtype}")
     if not w.is_contiguous():
-        w.detach().copy_(fake_quantize_(w.detach().contiguous(), spec))
+        w.detach().copy_(fake_quantize_(w.detach().contiguous(), spec, check_finite))
         return w
     if spec.granularity == "tensor":
         g = w.detach().reshape(1, -1)
         work = g if w.dtype == torch.float32 else g.float()
-        _fake_quant_rows_(work, spec)
+        _fake_quant_rows_(work, spec, check_finite)
         if work is not g:
             g.copy_(work)
         return w
@@ -170,7 +176,7 @@ def fake_quantize_(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     for start in range(0, g.shape[0], rows_per_block):
         block = g[start : start + rows_per_block]
         work = block if w.dtype == torch.float32 else block.float()
-        _fake_quant_rows_(work, spec)
+        _fake_quant_rows_(work, spec, check_finite)
         if work is not block:
             block.copy_(work)
     return w
@@ -243,12 +249,21 @@ def quantize_(model: nn.Module, spec: QuantSpec, targets: Sequence[Target] | Non
     """
     if targets is None:
         targets = find_targets(model)
-    for t in targets:
-        try:
-            fake_quantize_(_raw_param(t.module, t.attr), spec)
-        except NonFiniteWeightError as e:
-            raise NonFiniteWeightError(f"{t.key}: {e}") from None
+    weights = [(t.key, _raw_param(t.module, t.attr)) for t in targets]
+    for key, w in weights:  # every target is checked before any is changed, so a refusal leaves the model as it was
+        if w.is_floating_point() and w.numel() and not bool(torch.isfinite(w.sum())):
+            _require_finite_tensor(key, w)
+    for _, w in weights:
+        fake_quantize_(w, spec, check_finite=False)
     return [t.key for t in targets]
+
+
+def _require_finite_tensor(key: str, w: torch.Tensor) -> None:
+    """A NaN/Inf in ``w`` is an error naming ``key`` (a finite sum that overflowed is not)."""
+    if bool(torch.isnan(w).any()):
+        raise NonFiniteWeightError(f"{key}: weight contains NaN; refusing to quantize it")
+    if bool(torch.isinf(w).any()):
+        raise NonFiniteWeightError(f"{key}: weight contains Inf; refusing to quantize it")
 
 
 def quantize_state_dict_(

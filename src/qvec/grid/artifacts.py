@@ -80,10 +80,11 @@ class ArtifactStore:
         except (OSError, ValueError):
             return {}
 
-    def link_by_name(self, named: dict[str, Path]) -> Path:
-        """Readable links ``by-name/<name>.safetensors`` -> the content-addressed files (``ft-mnist``,
-        ``qat-w2-mnist``, ``vector-w2-mnist``), so a person can find a study's models by task and kind."""
-        folder = self.root / "by-name"
+    def link_by_name(self, named: dict[str, Path], study: str) -> Path:
+        """Readable links ``by-name/<study>/<name>.safetensors`` -> the content-addressed files (``ft-mnist``,
+        ``qat-w2-mnist``, ``vector-w2-mnist``), so a person can find a study's models by task and kind (studies
+        that share an artifact folder keep their own links)."""
+        folder = self.root / "by-name" / study
         for name, target in named.items():
             if not target.is_file():
                 continue

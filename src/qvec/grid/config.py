@@ -259,13 +259,35 @@ class GridConfig:
                 if not _matches_type(v, types[k]):
                     raise QvecError(f"{self.source}: {where}.{k} must be {_TYPE_WORDS.get(types[k], types[k])}, "
                                     f"got {v!r}")
+        for where, build in self._composed_recipes():  # the recipes the plan will build, each checked whole
             try:
-                Recipe().override(**overrides)
+                build()
             except QvecError as e:
                 raise QvecError(f"{self.source}: {where}: {e}") from None
         for t in self.task_recipes:
             if t not in self.all_tasks:
                 raise QvecError(f"{self.source}: recipe.tasks.{t}: {t!r} is not one of the grid's tasks")
+
+    def _composed_recipes(self):
+        """(section, thunk) pairs that build each recipe as the plan does: the profile's base, then ``[recipe]``,
+        then the task's own section; the pretraining recipe from its base and ``[pretrain]``."""
+        from ..recipe import Recipe
+
+        spec = self.model_spec()
+        out = []
+        for t in self.all_tasks:
+            where = f"recipe.tasks.{t}" if t in self.task_recipes else "recipe"
+            out.append((where, lambda t=t: Recipe.for_task(t, spec, self.profile).override(
+                **{**self.recipe, **self.task_recipes.get(t, {})})))
+        if self.pretrain is not None:
+            def pre():
+                try:
+                    base = Recipe.for_pretraining(spec, self.profile)
+                except QvecError:
+                    base = Recipe()
+                return base.override(**self.pretrain.recipe)
+            out.append(("pretrain", pre))
+        return out
 
     def _validate_tasks(self) -> None:
         """Tasks are the data folder's file stems, the paper's task names (Hugging Face unless the folder has them),

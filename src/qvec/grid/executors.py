@@ -94,6 +94,10 @@ class ParallelExecutor(Executor):
     def _submit(self, job: Job, threads: int):
         raise NotImplementedError
 
+    def _running(self, handle) -> bool:
+        """Whether a submitted job has started (queued ones get no progress bar)."""
+        return True
+
     def _wait(self, handles: list) -> list[tuple[object, JobOutput | None, BaseException | None]]:
         """Wait until a handle is finished (at most a second when a monitor is shown); return (handle, output,
         error) for the finished ones."""
@@ -126,7 +130,7 @@ class ParallelExecutor(Executor):
             if not in_flight:
                 break  # everything left depends on a failed job
             if self.monitor is not None:
-                self.monitor.update(list(in_flight.values()))
+                self.monitor.update([j for h, j in in_flight.items() if self._running(h)])
             for handle, out, error in self._wait(list(in_flight)):
                 job = in_flight.pop(handle)
                 if error is not None:
@@ -180,6 +184,9 @@ class PoolExecutor(ParallelExecutor):
 
     def _submit(self, job: Job, threads: int):
         return self._pool.submit(_call_runner, self.runner, job, threads)
+
+    def _running(self, handle) -> bool:
+        return handle.running()
 
     def _wait(self, handles: list):
         from concurrent.futures import FIRST_COMPLETED, wait

@@ -97,7 +97,7 @@ class EvalBench:
 
     def theta0(self, path: str | None, spec: ModelSpec) -> dict[str, torch.Tensor]:
         """theta_0's state: its checkpoint, or the family's hub weights when it has no file."""
-        name = (path, spec.to_json())
+        name = (path, spec.with_classes(0).to_json())  # one copy per backbone, whatever the receiver's head
         if name not in self._hub:
             # A file goes through the adapter's loader, which adapts it to this model (e.g. resamples its
             # position embedding to the study's input size); the hub weights of the family otherwise.

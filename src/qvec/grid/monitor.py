@@ -67,6 +67,8 @@ def _read_progress(job: Job) -> dict | None:
     p = progress_path(Path(out))
     try:
         info = json.loads(p.read_text())
+        if not isinstance(info, dict) or not {"step", "total", "ips"} <= set(info):
+            return None
         return info if time.time() - p.stat().st_mtime < 3600 else None
-    except (OSError, ValueError):
+    except (OSError, ValueError):  # not written yet, or being replaced
         return None

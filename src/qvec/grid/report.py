@@ -553,9 +553,9 @@ def write_report(db: str | os.PathLike, out_dir: str | os.PathLike, study: str |
     out = Path(out_dir)
     with ResultStore(db, create=False) as store:
         data = load_study(store, study)
-    out.mkdir(parents=True, exist_ok=True)
     if not data.bits:
         raise QvecError(f"study {data.study!r} has no quantized results yet")
+    out.mkdir(parents=True, exist_ok=True)
     md: list[str] = [f"# {data.study}: quantization-vector transfer report", ""]
     if preamble:
         md += [preamble.strip(), ""]

@@ -119,7 +119,7 @@ def run_grid(
         executor.run(pending, dispatch, on_done)
     finally:
         plan.artifacts.link_by_name({j.id: Path(j.params["out"]) for j in plan.jobs
-                                     if j.kind in ARTIFACT_KINDS and j.params.get("out")})
+                                     if j.kind in ARTIFACT_KINDS and j.params.get("out")}, config.name)
         _record_trainings(plan, store)
         summary.seconds = time.perf_counter() - t0
         store.close()

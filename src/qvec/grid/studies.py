@@ -23,7 +23,7 @@ from .report import write_report
 from .run import RunSummary, run_grid
 
 #: The demo's settings. 2-bit because the tiny, briefly trained demo ViT loses little to 3-bit RTN (measured), and
-#: a study is only informative where PTQ hurts. Limits keep the whole study to a few minutes on 2 CPU cores.
+#: a study is only informative where PTQ hurts. Limits keep the whole study short on 2 CPU cores (docs/grid.md).
 DEMO_SETTINGS: dict = {
     "name": "demo",
     "model": "qvec:vit-nano",
@@ -97,7 +97,7 @@ def _what_ran(s: RunSummary) -> str:
 
 def run_demo(workdir: str | os.PathLike = "runs/demo", data: str | os.PathLike | None = None,
              executor: Executor | None = None, log: Callable[[str], None] | None = None) -> StudyRun:
-    """A small end-to-end study in a few minutes: pretrain vit-nano, FT/QAT, vectors, grid, report.
+    """A small end-to-end study: pretrain vit-nano, FT/QAT, vectors, grid, report.
 
     Without ``data`` it runs on the procedurally generated suite (no network, no data folder); with ``data`` on
     the local tasks of that folder. Everything lands under ``workdir``; a second call reuses it all.

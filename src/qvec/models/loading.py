@@ -53,7 +53,7 @@ def load_backbone_state(model: nn.Module, state: dict[str, torch.Tensor], adapte
     own = model.state_dict()
     try:
         state = adapter.filter_state(dict(state), model)
-    except (RuntimeError, ValueError, KeyError, AssertionError) as e:
+    except (RuntimeError, ValueError, KeyError, AssertionError, IndexError, TypeError, AttributeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise QvecError(f"{source}: cannot adapt these weights to {type(model).__name__} ({first[:200]})") from None
     state = {k: v for k, v in state.items() if not (adapter.is_head(k) and (k not in own or own[k].shape != v.shape))}

@@ -94,12 +94,8 @@ class TimmAdapter(ModelAdapter):
         try:
             if weights:
                 require_weights_file(weights)
-                model = _check_patch_grid(timm.create_model(spec.name, pretrained=False, **kwargs), spec)
-                from .loading import load_backbone_weights
-
-                load_backbone_weights(model, weights, self)
-                return model
-            return _check_patch_grid(timm.create_model(spec.name, pretrained=pretrained, **kwargs), spec)
+            model = _check_patch_grid(timm.create_model(spec.name, pretrained=pretrained and not weights, **kwargs),
+                                      spec)
         except RuntimeError as e:
             if "Unknown model" in str(e):
                 raise QvecError(
@@ -110,6 +106,11 @@ class TimmAdapter(ModelAdapter):
             raise QvecError(f"timm model {spec.name!r} does not accept these options {spec.options}: {e}") from None
         except OSError as e:  # hub download failed (offline, gated, missing file)
             raise offline_error(f"timm:{spec.name}", e, hint=f"hf download timm/{spec.name}") from None
+        if weights:
+            from .loading import load_backbone_weights
+
+            load_backbone_weights(model, weights, self)
+        return model
 
     def check_spec(self, spec: ModelSpec) -> None:
         self._check_by_meta_build(spec)
