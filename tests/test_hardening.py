@@ -321,3 +321,14 @@ def test_commands_that_write_folders_fail_in_one_line(tmp_path, capsys):
     code, text = run(capsys, "grid", "run", "--model", "qvec:vit-nano", "--tasks", "stripes", "--data", data,
                      "--backbone", str(db), "--workdir", plain / "w", "--quiet")
     assert code == 2 and len(text.splitlines()) == 1 and str(plain) in text and "Traceback" not in text, text
+
+
+def test_writes_are_byte_for_byte_reproducible(ckpts, tmp_path):
+    """The same content gives the same file, whatever order the header metadata came in (crash checks compare
+    bytes)."""
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    ck = Checkpoint.load(ckpts["recv"])
+    pack_checkpoint(ck, QuantSpec(bits=3), a)
+    ck.meta = dict(reversed(list(ck.meta.items())))
+    pack_checkpoint(ck, QuantSpec(bits=3), b)
+    assert a.read_bytes() == b.read_bytes()

@@ -55,7 +55,7 @@ _ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", 
 def write_safetensors_stream(f, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
     """The safetensors format written to an open binary file: an 8-byte little-endian header length, the JSON
     header (dtype, shape, byte offsets; ``__metadata__``), padded with spaces to 8 bytes, then the raw tensors."""
-    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    header: dict = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}  # same bytes every time
     offset, order = 0, sorted(tensors)
     for k in order:
         t = tensors[k]
