@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .quant import QuantSpec, Target, fake_quantize_, find_targets
+from .quant import QuantSpec, Target, fake_quantize_, find_targets, finite_checks_off
 
 
 class FakeQuantSTE(nn.Module):
@@ -26,7 +26,8 @@ class FakeQuantSTE(nn.Module):
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            wq = fake_quantize_(w.detach().clone(), self.spec, check_finite=False)
+            with finite_checks_off():
+                wq = fake_quantize_(w.detach().clone(), self.spec)
         return w + (wq - w).detach()
 
     def extra_repr(self) -> str:

@@ -6,7 +6,9 @@ activations in float. The paper default is 3-bit symmetric per-channel (one scal
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -150,15 +152,32 @@ def _fake_quant_rows_(g: torch.Tensor, spec: QuantSpec, check: bool = True) -> N
     g.div_(scale).round_().add_(zero).clamp_(spec.qmin, spec.qmax).sub_(zero).mul_(scale)
 
 
-def fake_quantize_(w: torch.Tensor, spec: QuantSpec, check_finite: bool = True) -> torch.Tensor:
+_CHECKS = threading.local()
+
+
+@contextmanager
+def finite_checks_off():
+    """Within this block :func:`fake_quantize_` skips its NaN/Inf check (the QAT forward, every step)."""
+    old = getattr(_CHECKS, "off", False)
+    _CHECKS.off = True
+    try:
+        yield
+    finally:
+        _CHECKS.off = old
+
+
+def fake_quantize_(w: torch.Tensor, spec: QuantSpec, check_finite: bool | None = None) -> torch.Tensor:
     """Replace ``w`` in place by its quantize-dequantize reconstruction ``clamp(round(w/s), qmin, qmax) * s``.
 
     Rows are processed in cache-sized blocks, so the several elementwise passes touch main memory once. A
     non-contiguous ``w`` (a transposed view from a state dict) is quantized through a contiguous copy, since the
     grouped view of it would be a copy and the in-place result would be lost. NaN/Inf are refused
     (:class:`NonFiniteWeightError`) unless ``check_finite`` is off, as in the QAT forward, where the training
-    loop's loss check reports divergence and a per-row check would cost a device sync per layer.
+    loop's loss check reports divergence and a per-row check would cost a device sync per layer
+    (:func:`finite_checks_off`; ``None`` follows it).
     """
+    if check_finite is None:
+        check_finite = not getattr(_CHECKS, "off", False)
     if not w.is_floating_point():
         raise QvecError(f"can only quantize floating-point tensors, got {w.dtype}")
     if not w.is_contiguous():
