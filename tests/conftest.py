@@ -55,3 +55,10 @@ def ckpts(nano_spec, tmp_path):
         paths[name] = tmp_path / f"{name}.safetensors"
         c.save(paths[name])
     return paths
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory) -> Path:
+    """A folder whose ``runs/demo`` is shared by the slow demo tests, so the demo study is computed once per session
+    (the second test to run finds every job done, which is itself part of what the demo test checks)."""
+    return tmp_path_factory.mktemp("demo-root")

@@ -31,7 +31,8 @@ def test_demo_config_with_a_data_folder(tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_end_to_end(tmp_path, capsys):
+def test_demo_end_to_end(demo_root, capsys):
+    tmp_path = demo_root / "runs" / "demo"  # shared with tests/test_quickstart.py: the demo is computed once
     assert main(["demo", "--workdir", str(tmp_path), "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "Headline numbers" in out and "report.md" in out

@@ -25,7 +25,9 @@ def test_the_quickstart_block_uses_only_the_demo_outputs():
 
 
 @pytest.mark.slow
-def test_readme_quickstart_runs_as_written(tmp_path):
+def test_readme_quickstart_runs_as_written(demo_root):
+    """In a folder whose runs/demo the demo test shares (whichever runs first computes the study)."""
+    tmp_path = demo_root
     bindir = Path(sys.executable).parent
     script = "set -euo pipefail\nexport PATH=" + str(bindir) + ":$PATH\n" + quickstart_block()
     r = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=1500)
