@@ -79,18 +79,95 @@ def extract(
 @app.command()
 def patch(
     receiver: Annotated[Path, typer.Option("--receiver", "-r", help="Receiver's fine-tuned checkpoint.")],
-    vector: Annotated[list[Path], typer.Option("--vector", "-v", help="Quantization vector(s); several are averaged.")],
+    vector: Annotated[list[Path], typer.Option("--vector", "-v", help="Quantization vector(s); several are averaged "
+                                               "unless --donor choose.")],
     output: Output,
-    lam: Annotated[float, typer.Option("--lam", "-l", help="Scale lambda; 1.0 is the zero-shot setting.")] = 1.0,
+    lam: Annotated[str, typer.Option("--lam", "-l", help="Scale lambda (1.0 is the paper's zero-shot setting), or "
+                                     "auto: chosen by --rule without receiver labels.")] = "1.0",
+    rule: Annotated[str, typer.Option("--rule", help="Lambda rule for --lam auto: agree (KL on --probe, default), "
+                                      "agree:top1, agree-noise, weight (no images), fixed:X, one.")] = "agree",
+    probe: Annotated[str | None, typer.Option("--probe", help="Unlabeled probe images for --lam auto: a folder, an "
+                                              ".npz, or noise. Not the receiver's labels.")] = None,
+    probe_size: Annotated[int, typer.Option("--probe-size", help="Probe images used.")] = 1000,
+    donor: Annotated[str, typer.Option("--donor", help="With several vectors: mean (average them) or choose (--lam "
+                                       "auto picks the best of them and their mean).")] = "mean",
+    bits: Bits = 3,
+    granularity: Gran = "channel",
+    group_size: GroupSize = 128,
+    asymmetric: Asym = False,
+    in_proj: InProj = True,
     allow_fingerprint_mismatch: AllowFp = False,
     model: ModelOpt = None,
 ) -> None:
-    """Patch a receiver: theta_FT^R + lam * tau (the receiver keeps its head). Quantize the result next."""
+    """Patch a receiver: theta_FT^R + lam * tau (the receiver keeps its head). Quantize the result next.
+
+    With ``--lam auto`` lambda is chosen for the quantizer given by --bits etc. (lambda = 0, no patch, is a
+    candidate); the choice and every candidate's score are printed and recorded in the output's header."""
+    if donor not in ("mean", "choose"):
+        raise QvecError(f"--donor must be mean or choose, got {donor!r}")
     vecs = [QuantVector.load(v) for v in vector]
-    vec = vecs[0] if len(vecs) == 1 else QuantVector.mean(vecs)
-    patched = vec.apply(load_checkpoint(receiver, model), lam, allow_fingerprint_mismatch, inplace=True)
+    ckpt = load_checkpoint(receiver, model)
+    if lam.strip().lower() != "auto":
+        if donor == "choose":
+            raise QvecError("--donor choose needs --lam auto (the donor is chosen by the lambda rule's score)")
+        value = parse_lambda(lam)
+        vec = vecs[0] if len(vecs) == 1 else QuantVector.mean(vecs)
+        patched = vec.apply(ckpt, value, allow_fingerprint_mismatch, inplace=True)
+        patched.save(output)
+        out.print(f"wrote {output}: {receiver.name} + {value:g} * {vec.meta.get('qvec.donor', 'vector')}")
+        return
+    from ..selection import choose_donor
+
+    for v in vecs:  # the header checks of a plain patch (backbone fingerprint, architecture), before any scoring
+        v.apply(Checkpoint(dict(ckpt.state), dict(ckpt.meta), ckpt.path), 0.0, allow_fingerprint_mismatch)
+    if donor == "choose":
+        cands = {f"{p.stem}": v for p, v in zip(vector, vecs, strict=True)}
+        if len(cands) < len(vecs):
+            cands = {f"{i}:{p.name}": v for i, (p, v) in enumerate(zip(vector, vecs, strict=True))}
+    else:
+        cands = {"vector" if len(vecs) == 1 else "mean": vecs[0] if len(vecs) == 1 else QuantVector.mean(vecs)}
+    choice = choose_donor(ckpt, cands, quant_spec(bits, granularity, group_size, asymmetric), rule=rule,
+                          probe=probe, probe_size=probe_size, include_mean=donor == "choose",
+                          require_choice=donor == "choose", include_in_proj=in_proj)
+    _print_choice(choice)
+    chosen = cands.get(choice.donor) if choice.donor in cands else QuantVector.mean(cands.values())
+    patched = chosen.apply(ckpt, choice.lam, allow_fingerprint_mismatch, inplace=True)
+    patched.meta.update(choice.to_meta())
     patched.save(output)
-    out.print(f"wrote {output}: {receiver.name} + {lam:g} * {vec.meta.get('qvec.donor', 'vector')}")
+    out.print(f"wrote {output}: {receiver.name} + {choice.lam:g} * {choice.donor} (rule {choice.rule}, "
+              f"{choice.seconds:.1f} s to choose)")
+
+
+def parse_lambda(text: str) -> float:
+    """A finite lambda from the command line."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise QvecError(f"--lam must be a number or auto, got {text!r}") from None
+    if not math.isfinite(value):
+        raise QvecError(f"--lam must be finite, got {text!r}")
+    return value
+
+
+def _print_choice(choice) -> None:
+    t = Table(title=f"lambda rule {choice.rule} ({choice.metric or 'fixed'}; uses {choice.uses or 'nothing'})")
+    donors = list(choice.scores)
+    lams = sorted({lam for by in choice.scores.values() for lam in by})
+    t.add_column("lambda")
+    for d in donors:
+        t.add_column(d, justify="right")
+    for lam in lams:
+        cells = []
+        for d in donors:
+            v = choice.scores[d].get(lam)
+            mark = " *" if (d, lam) == (choice.donor, choice.lam) else ""
+            cells.append("–" if v is None else f"{v:.4g}{mark}")
+        t.add_row(f"{lam:g}", *cells)
+    out.print(t)
+    out.print(f"chosen: lambda = {choice.lam:g}, donor {choice.donor}"
+              + (" (no patch: every candidate scored worse than none)" if choice.lam == 0 else ""))
 
 
 @app.command()

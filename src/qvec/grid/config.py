@@ -37,9 +37,8 @@ from typing import Any
 
 from ..errors import QvecError
 from ..quant import GRANULARITIES, QuantSpec
+from ..rules import DEFAULT_LAMBDAS
 
-#: SPEC section 7: the lambda grid over which lambda* is chosen on the receiver's validation split.
-DEFAULT_LAMBDAS: tuple[float, ...] = (0.15, 0.30, 0.45, 0.60, 0.75, 0.90, 1.00, 1.05, 1.20, 1.35, 1.50)
 TEST_LAMBDAS = ("selected", "all")
 BACKBONE_CHOICES = ("pretrain", "hub")
 
@@ -54,6 +53,36 @@ class EvalConfig:
     test_lambdas: str = "selected"
     #: None: ``qvec.evaluate``'s device default (64 on CPU, where small batches are faster).
     batch_size: int | None = None
+
+
+@dataclass
+class RulesConfig:
+    """The lambda rules a study measures (:mod:`qvec.rules`) and the images the label-free ones score on.
+
+    Every rule's choice is tested on the test split, so each gets its own row in the report. ``one`` (and ``val``
+    while ``select_lambda`` is on) are always measured.
+    """
+
+    use: list[str] = field(default_factory=list)
+    #: generic probe for the ``agree`` rules: an .npz or image folder (relative to data_dir, or a path)
+    probe: str = ""
+    probe_size: int = 1000
+    #: how many of the receiver's own unlabeled validation inputs the ``agree-unlabeled`` rules score on
+    unlabeled_size: int = 500
+    #: the mean of every other donor's vector is a donor of its own (``mean``), per receiver
+    donor_mean: bool = False
+    #: receivers whose domain the generic probe shares (the report shows them apart)
+    probe_domain: list[str] = field(default_factory=list)
+
+    def rules(self, select_lambda: bool = True) -> list:
+        from ..rules import get_rule
+
+        names = ["one", *(["val"] if select_lambda else []), *self.use]
+        out: dict[str, object] = {}
+        for n in names:
+            r = get_rule(n)
+            out.setdefault(r.name, r)
+        return list(out.values())
 
 
 @dataclass
@@ -96,6 +125,7 @@ class GridConfig:
     task_recipes: dict[str, dict] = field(default_factory=dict)
     data_dir: str | None = None
     eval: EvalConfig = field(default_factory=EvalConfig)
+    rules: RulesConfig = field(default_factory=RulesConfig)
     source: str = "<flags>"
 
     # ------------------------------------------------------------------------------------------ derived
@@ -113,7 +143,25 @@ class GridConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d.pop("source")
+        if d["rules"] == asdict(RulesConfig()):  # studies without rules keep the fingerprint they always had
+            d.pop("rules")
         return d
+
+    def probe_path(self) -> Path | None:
+        """The generic probe: 'noise', a path, or a file or folder inside the data folder; None without one."""
+        from ..tasks import resolve_data_dir
+
+        p = self.rules.probe
+        if not p or p == "noise":
+            return None
+        cand = self.resolve_path(p)
+        if not cand.exists() and not os.path.isabs(p):
+            folder = resolve_data_dir(self.data_path())
+            if folder is not None and (Path(folder) / p).exists():
+                cand = Path(folder) / p
+        if not cand.exists():
+            raise QvecError(f"{self.source}: rules.probe {p!r}: no such file or folder")
+        return cand.resolve()
 
     def fingerprint(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -209,11 +257,33 @@ class GridConfig:
         if ev.batch_size is not None and (isinstance(ev.batch_size, bool) or not isinstance(ev.batch_size, int)
                                           or ev.batch_size < 1):
             raise QvecError(f"{src}: eval.batch_size must be a positive integer, got {ev.batch_size!r}")
+        self._validate_rules()
         self._validate_backbone()
         self._validate_recipes()
         if check_tasks:
             self._validate_tasks()
         return self
+
+    def _validate_rules(self) -> None:
+        src, rc = self.source, self.rules
+        try:
+            rules = rc.rules(self.select_lambda)
+        except QvecError as e:
+            raise QvecError(f"{src}: rules.use: {e}") from None
+        for key in ("probe_size", "unlabeled_size"):
+            v = getattr(rc, key)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise QvecError(f"{src}: rules.{key} must be a positive integer, got {v!r}")
+        if any(r.signal == "probe" for r in rules) and not rc.probe:
+            raise QvecError(f"{src}: rules.use names an agree rule but rules.probe is not set (an .npz, a folder "
+                            "or 'noise')")
+        self.probe_path()
+        for t in rc.probe_domain:
+            if t not in self.all_tasks:
+                raise QvecError(f"{src}: rules.probe_domain: {t!r} is not one of the grid's tasks")
+        if rc.donor_mean and len(self.donors) < 3:
+            raise QvecError(f"{src}: rules.donor_mean needs at least 3 donors (the mean of the others), got "
+                            f"{len(self.donors)}")
 
     def _validate_backbone(self) -> None:
         src = self.source
@@ -329,6 +399,7 @@ def _matches_type(value: Any, type_name: str) -> bool:
 _MODEL_OPTION_KEYS = ("img_size",)
 _TOP_KEYS = ({f.name for f in fields(GridConfig)} - {"source", "task_recipes"}) | set(_MODEL_OPTION_KEYS)
 _EVAL_KEYS = {f.name for f in fields(EvalConfig)}
+_RULES_KEYS = {f.name for f in fields(RulesConfig)}
 
 
 def _read_file(path: Path) -> dict:
@@ -412,9 +483,29 @@ def config_from_dict(raw: Mapping[str, Any], source: str = "<flags>") -> GridCon
             if k not in _EVAL_KEYS:
                 raise QvecError(f"{source}: unknown key eval.{k}; known: {', '.join(sorted(_EVAL_KEYS))}")
         kw["eval"] = EvalConfig(**ev)
+    if "rules" in raw:
+        kw["rules"] = _rules_section(source, raw["rules"])
     if "name" not in kw:
         kw["name"] = Path(source).stem if source != "<flags>" else "grid"
     return GridConfig(source=source, **kw)
+
+
+def _rules_section(source: str, raw: Any) -> RulesConfig:
+    if isinstance(raw, list):  # `rules = ["agree", ...]` is short for `[rules] use = [...]`
+        raw = {"use": raw}
+    rc = dict(_expect(source, "rules", raw, dict, "a table or a list of rule names"))
+    for k in rc:
+        if k not in _RULES_KEYS:
+            raise QvecError(f"{source}: unknown key rules.{k}; known: {', '.join(sorted(_RULES_KEYS))}")
+    for key in ("use", "probe_domain"):
+        if key in rc:
+            rc[key] = [_expect(source, f"rules.{key}", v, str, "a list of names")
+                       for v in _expect(source, f"rules.{key}", rc[key], list, "a list")]
+    if "probe" in rc:
+        rc["probe"] = _expect(source, "rules.probe", rc["probe"], str, "a path or 'noise'")
+    if "donor_mean" in rc:
+        _expect(source, "rules.donor_mean", rc["donor_mean"], bool, "true or false")
+    return RulesConfig(**rc)
 
 
 def load_config(

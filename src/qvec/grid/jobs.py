@@ -28,9 +28,22 @@ from ..errors import QvecError
 from ..evaluate import evaluate
 from ..models import ModelSpec, build_model, get_adapter
 from ..models.loading import load_state_strict
+from ..probe import NOISE, ProbeSet, load_probe, noise_probe, receiver_probe
 from ..quant import quantize_
+from ..rules import IMAGE_SIGNALS, SIGNALS, lam_key
+from ..selection import agreement, ptq_errors, reference, weight_errors, weight_score
 from ..vector import QuantVector
-from .plan import Job, baseline_items, cell_key, lambdas_on_test, quant_of, select_lambda
+from .plan import (
+    Job,
+    baseline_items,
+    cell_key,
+    lambdas_on_test,
+    pair_choices,
+    pair_rules,
+    quant_of,
+    score_keys,
+    score_lambdas,
+)
 from .store import Result
 
 
@@ -88,6 +101,13 @@ class EvalBench:
         self._ckpts = _LRU(state_cache)
         self._vectors = _LRU(vector_cache)
         self._hub: dict[str, dict[str, torch.Tensor]] = {}
+        self._probes = _LRU(4)
+        #: FT outputs on probes, and PTQ weight errors of FT, per receiver (see run_cells)
+        self.refs: _LRU = _LRU(16)
+        self.errs0: _LRU = _LRU(16)
+
+    def probe(self, path: str, n: int) -> ProbeSet:
+        return self._probes.get_or((path, n), lambda: load_probe(path, n))
 
     def checkpoint(self, path: str) -> Checkpoint:
         return self._ckpts.get_or(path, lambda: Checkpoint.load(path))
@@ -207,10 +227,11 @@ def run_baseline(p: dict) -> list[Result]:
 
 
 def run_cells(p: dict) -> list[Result]:
-    """One (donor, receiver, bits) pair: validation at every lambda, lambda*, test at 1 and lambda*.
+    """One (donor, receiver, bits) pair: at every lambda the validation accuracy and the label-free scores its
+    rules need, then each rule's choice (lambda* among them), then the test split at 1 and at every choice.
 
     ``p["known"]`` holds values already in the database (a resumed or widened run): those cells are not measured
-    again, and known validation values still count for choosing lambda*.
+    again, and known values still count for the choices.
     """
     from ..tasks import get_task
 
@@ -222,23 +243,97 @@ def run_cells(p: dict) -> list[Result]:
     vec = b.vector(p["vector"])
     quant = quant_of(p)
     rows: list[Result] = []
-
-    def measure(lam: float, split: str) -> float:
-        key = cell_key(p, lam, split)
+    val: dict[float, float] = {}
+    scores: dict[str, dict[float, float]] = {}
+    val_lams = set(p["lambdas"]) if p["select_lambda"] else set()
+    sk = {(metric, lam_key(lam)): k for k, (metric, lam) in score_keys(p).items()}
+    for lam in sorted(val_lams | set(score_lambdas(p))):
+        vk = cell_key(p, lam, "val") if lam in val_lams else None
+        keys = [k for (_, lk), k in sk.items() if lk == lam_key(lam)]
+        if vk is not None and vk in known:
+            val[lam] = known[vk]
+        for (metric, lk), k in sk.items():
+            if lk == lam_key(lam) and k in known:
+                scores.setdefault(metric, {})[lam] = known[k]
+        if all(k in known for k in keys) and (vk is None or vk in known):
+            continue
+        refs = _references(b, s, p, task, ft_state)
+        t0 = time.perf_counter()
+        b.set_backbone(s, ft_state, vec, lam)
+        t1 = time.perf_counter()
+        quantize_(s.model, quant, s.targets)
+        cost = (t1 - t0, time.perf_counter() - t1)
+        if vk is not None and vk not in known:
+            r = evaluate(s.model, task, "val", batch_size=p["batch_size"], limit=p["val_limit"], config=s.config)
+            rows.append(_row(p, vk, "patched", "val", r, *cost, donor=p["donor"], lam=lam, quant=p["quant"]))
+            val[lam] = r.accuracy
+        for signal in p.get("signals", {}):
+            if all(sk[(f"{signal}.{m}", lam_key(lam))] in known for m in SIGNALS[signal]):
+                continue
+            t2 = time.perf_counter()
+            got = _signal(b, s, p, signal, refs, ft_state, quant)
+            secs = time.perf_counter() - t2
+            for measure, value in got.items():
+                metric = f"{signal}.{measure}"
+                n = len(refs[signal].logp) if signal in refs else len(s.targets)
+                rows.append(_score_row(p, sk[(metric, lam_key(lam))], signal, measure, value, n, secs, cost, lam))
+                scores.setdefault(metric, {})[lam] = value
+    choices = pair_choices(pair_rules(p), val, scores)
+    for lam in lambdas_on_test(p, choices):
+        key = cell_key(p, lam, "test")
         if key in known:
-            return known[key]
-        limit = p["val_limit"] if split == "val" else p["test_limit"]
-        r, patch_s, ptq_s = _measure(s, task, split, limit, p["batch_size"], quant,
-                                     lambda: b.set_backbone(s, ft_state, vec, lam))
-        rows.append(_row(p, key, "patched", split, r, patch_s, ptq_s, donor=p["donor"], lam=lam, quant=p["quant"]))
-        return r.accuracy
-
-    lam_star = None
-    if p["select_lambda"]:
-        lam_star = select_lambda({lam: measure(lam, "val") for lam in p["lambdas"]})
-    for lam in lambdas_on_test(p, lam_star):
-        measure(lam, "test")
+            continue
+        r, patch_s, ptq_s = _measure(s, task, "test", p["test_limit"], p["batch_size"], quant,
+                                     lambda lam=lam: b.set_backbone(s, ft_state, vec, lam))
+        rows.append(_row(p, key, "patched", "test", r, patch_s, ptq_s, donor=p["donor"], lam=lam, quant=p["quant"]))
     return rows
+
+
+def _references(b: EvalBench, s: _Slot, p: dict, task, ft_state) -> dict:
+    """The receiver's full-precision FT outputs on each image signal's probe (computed once per process)."""
+    refs = {}
+    for signal, src in p.get("signals", {}).items():
+        if signal not in IMAGE_SIGNALS:
+            continue
+        name = (p["receiver_ft"], signal, src.get("id"), src.get("size"), s.spec.to_json())
+
+        def make(signal=signal, src=src):
+            if signal == "unlabeled":
+                probe = receiver_probe(task, src["size"])
+            elif signal == "noise" or src.get("path") == NOISE:
+                probe = noise_probe(src["size"], s.config.image_size)
+            else:
+                probe = b.probe(src["path"], src["size"])
+            b.set_backbone(s, ft_state)
+            return reference(s.model, probe, s.config, p["batch_size"] or 64)
+
+        refs[signal] = b.refs.get_or(name, make)
+    return refs
+
+
+def _signal(b: EvalBench, s: _Slot, p: dict, signal: str, refs: dict, ft_state, quant) -> dict[str, float]:
+    """One label-free signal of the (patched, quantized) model in the slot: see :mod:`qvec.selection`."""
+    if signal in IMAGE_SIGNALS:
+        return agreement(s.model, refs[signal], p["batch_size"] or 64)
+    if signal == "weight":
+        keys = [t.key for t in s.targets]
+        name = (p["receiver_ft"], json.dumps(p["quant"], sort_keys=True), tuple(keys))
+        errs0 = b.errs0.get_or(name, lambda: ptq_errors(ft_state, keys, quant))
+        return {"err": weight_score(weight_errors({k: s.backbone[k] for k in keys}, ft_state), errs0)}
+    raise QvecError(f"unknown signal {signal!r} in a cells job")
+
+
+def _score_row(p: dict, key: str, signal: str, measure: str, value: float, n: int, secs: float,
+               cost: tuple[float, float], lam: float) -> Result:
+    q = quant_of(p)
+    inputs = {k: v for k, v in p.items() if k not in ("label", "known")}
+    return Result(
+        key=key, kind="score", model=str(ModelSpec.from_json(p["model"])), backbone=p["theta0_key"],
+        receiver=p["receiver"], split=signal, value=float(value), correct=0, n=n, donor=p["donor"],
+        bits=q.bits if q else None, quant=str(q) if q else "", lam=lam, seed=int(p["seed"]), metric=measure,
+        eval_seconds=secs, patch_seconds=cost[0], ptq_seconds=cost[1], worker=worker_name(),
+        inputs=json.dumps({**inputs, "lam": lam, "signal": signal, "measure": measure}, sort_keys=True,
+                          default=str))
 
 
 def run_training(job: Job, progress: bool) -> bool:
@@ -263,10 +358,14 @@ def run_training(job: Job, progress: bool) -> bool:
 
 
 def run_vector(job: Job) -> bool:
+    """A donor's vector from its FT and QAT checkpoints, or the mean of several donors' vectors (``sources``)."""
     out = Path(job.params["out"])
     if out.is_file():
         return False
-    vec = QuantVector.from_checkpoints(Checkpoint.load(job.params["ft"]), Checkpoint.load(job.params["qat"]))
+    if "sources" in job.params:
+        vec = QuantVector.mean(QuantVector.load(v) for v in job.params["sources"])
+    else:
+        vec = QuantVector.from_checkpoints(Checkpoint.load(job.params["ft"]), Checkpoint.load(job.params["qat"]))
     vec.save(out)
     return True
 

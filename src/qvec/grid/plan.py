@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from ..errors import QvecError
 from ..models import ModelSpec
+from ..probe import NOISE
 from ..quant import QuantSpec
+from ..rules import MEAN_DONOR, SIGNALS, LambdaRule, get_rule, lam_key, select_lambda, signals_of  # noqa: F401  (select_lambda: re-exported)
 from .artifacts import ArtifactStore, content_key, file_digest
 from .config import GridConfig
 
@@ -72,29 +73,66 @@ class Plan:
 
 
 # ------------------------------------------------------------------------------------------ protocol rules
-def lam_key(lam: float) -> str:
-    """Canonical text of a lambda (so 0.3 and 0.30000000000000004 are one cell)."""
-    return f"{float(lam):.6g}"
-
-
-def select_lambda(val: Mapping[float, float]) -> float:
-    """lambda* = the lambda with the best validation accuracy; ties go to the one closest to 1, then the smaller.
-
-    Preferring lambda = 1 on ties keeps the selection from moving away from the zero-shot setting on noise.
-    """
-    if not val:
-        raise QvecError("cannot choose lambda*: no validation results")
-    return min(val, key=lambda lam: (-val[lam], abs(lam - 1.0), lam))
-
-
-def lambdas_on_test(params: Mapping, lam_star: float | None) -> list[float]:
-    """The lambdas a pair is evaluated at on test: 1 (zero-shot), lambda* if selected, every lambda if asked."""
+def lambdas_on_test(params: Mapping, choices: Mapping[str, float] | float | None) -> list[float]:
+    """The lambdas a pair is evaluated at on test: 1 (zero-shot), every rule's choice (lambda* included), and
+    every lambda of the grid if asked. lambda = 0 is never tested: it is the FT+PTQ baseline."""
+    if choices is None:
+        choices = {}
+    elif not isinstance(choices, Mapping):  # a bare lambda*
+        choices = {"val": float(choices)}
     lams = {lam_key(1.0): 1.0}
-    if lam_star is not None:
-        lams[lam_key(lam_star)] = float(lam_star)
+    lams.update({lam_key(v): float(v) for v in choices.values() if float(v) != 0.0})
     if params["test_lambdas"] == "all":
         lams.update({lam_key(v): float(v) for v in params["lambdas"]})
     return sorted(lams.values())
+
+
+def pair_rules(params: Mapping) -> list[LambdaRule]:
+    """The rules a cells job measures (``one`` and ``val`` for jobs planned before rules existed)."""
+    names = params.get("rules") or ["one", *(["val"] if params["select_lambda"] else [])]
+    return [get_rule(n) for n in names]
+
+
+def score_lambdas(params: Mapping) -> list[float]:
+    """The lambdas the label-free signals are measured at: 0 (no patch) and the grid."""
+    return sorted({0.0, *map(float, params["lambdas"])}) if params.get("signals") else []
+
+
+def score_key(params: Mapping, signal: str, measure: str, lam: float) -> str:
+    """Key of one label-free score of PTQ(theta_FT^R + lam * tau_D) against FT (see :mod:`qvec.selection`)."""
+    src = params["signals"][signal]
+    return content_key("result", {
+        "kind": "score", "state": params["receiver_ft_key"], "quant": params["quant"],
+        "in_proj": params["include_in_proj"], "signal": signal, "measure": measure, "source": src.get("id", ""),
+        "limit": src.get("size"), "vector": params["vector_key"], "lam": lam_key(lam)})
+
+
+def score_keys(params: Mapping) -> dict[str, tuple[str, float]]:
+    """Every score key of a cells job -> (metric, lambda)."""
+    out = {}
+    for signal in params.get("signals", {}):
+        for measure in SIGNALS[signal]:
+            for lam in score_lambdas(params):
+                out[score_key(params, signal, measure, lam)] = (f"{signal}.{measure}", lam)
+    return out
+
+
+def pair_choices(rules: Iterable[LambdaRule], val: Mapping[float, float],
+                 scores: Mapping[str, Mapping[float, float]]) -> dict[str, float]:
+    """Each rule's lambda for one pair, from its validation accuracies and label-free scores (workers, plan and
+    report all call this, so they agree on what was chosen)."""
+    out = {}
+    for r in rules:
+        if r.metric is None:
+            out[r.name] = r.choose()
+        elif r.signal == "val":
+            if val:
+                out[r.name] = r.choose(val)
+        else:
+            by = scores.get(r.metric, {})
+            if by:
+                out[r.name] = r.choose(by)
+    return out
 
 
 def result_key(kind: str, *, state: str, head: str, quant: dict | None, in_proj: bool, split: str,
@@ -139,15 +177,17 @@ def job_result_keys(job: Job, lookup: Callable[[Iterable[str]], Mapping[str, flo
         return [it["key"] for it in baseline_items(p)]
     if job.kind != "cells":
         return []
-    keys, lam_star = [], None
-    if p["select_lambda"]:
-        val_keys = {lam_key(lam): cell_key(p, lam, "val") for lam in p["lambdas"]}
-        have = lookup(val_keys.values())
-        if len(have) < len(val_keys):
-            return None
-        keys += list(val_keys.values())
-        lam_star = select_lambda({lam: have[val_keys[lam_key(lam)]] for lam in p["lambdas"]})
-    return keys + [cell_key(p, lam, "test") for lam in lambdas_on_test(p, lam_star)]
+    val_keys = {cell_key(p, lam, "val"): lam for lam in p["lambdas"]} if p["select_lambda"] else {}
+    sk = score_keys(p)
+    have = lookup([*val_keys, *sk])
+    if len(have) < len(val_keys) + len(sk):
+        return None
+    val = {lam: have[k] for k, lam in val_keys.items()}
+    scores: dict[str, dict[float, float]] = {}
+    for k, (metric, lam) in sk.items():
+        scores.setdefault(metric, {})[lam] = have[k]
+    choices = pair_choices(pair_rules(p), val, scores)
+    return [*val_keys, *sk, *(cell_key(p, lam, "test") for lam in lambdas_on_test(p, choices))]
 
 
 def missing_keys(job: Job, lookup: Callable[[Iterable[str]], Mapping[str, float]]) -> list[str] | None:
@@ -167,7 +207,8 @@ def candidate_keys(job: Job) -> list[str]:
     if job.kind != "cells":
         return []
     lams = [*p["lambdas"], 1.0]
-    return [cell_key(p, lam, "val") for lam in p["lambdas"]] + [cell_key(p, lam, "test") for lam in lams]
+    return ([cell_key(p, lam, "val") for lam in p["lambdas"]] + list(score_keys(p))
+            + [cell_key(p, lam, "test") for lam in lams])
 
 
 # ------------------------------------------------------------------------------------------------ planning
@@ -287,24 +328,67 @@ def build_plan(config: GridConfig, artifacts_root: str | Path) -> Plan:
                 jobs.append(Job(f"baseline/w{bits}/{recv}{sfx}", "baseline", key, (*theta0_deps, f.id, q.id),
                                 params))
 
+    # The mean of every other donor's vector, per receiver: a donor of its own (``mean``).
+    if config.rules.donor_mean:
+        for seed in seeds:
+            sfx = "" if seed is None else f"/s{seed}"
+            for bits in config.bits:
+                for recv in config.receivers:
+                    parts = [vec[(d, bits, seed)] for d in config.donors if d != recv]
+                    key = content_key("vector-mean", {"vectors": [j.key for j in parts]})
+                    job = Job(f"vector/w{bits}/{MEAN_DONOR}->{recv}{sfx}", "vector", key, tuple(j.id for j in parts), {
+                        "sources": [j.params["out"] for j in parts], "out": str(store.path("vector", key)),
+                        "label": f"vector w{bits} mean of {len(parts)} donors for {recv}{sfx}"})
+                    jobs.append(job)
+                    vec[(f"{MEAN_DONOR}->{recv}", bits, seed)] = job
+
+    rules = config.rules.rules(config.select_lambda)
+    signals = _signals(config, rules)
     # Cells last, grouped by (seed, bits, receiver) so a sequential worker keeps one receiver hot.
     for seed in seeds:
         sfx = "" if seed is None else f"/s{seed}"
         for bits in config.bits:
             for recv in config.receivers:
                 f = ft[(recv, None, seed)]
-                for donor in config.donors:
-                    if donor == recv and not config.self_pairs:
-                        continue
-                    vj = vec[(donor, bits, seed)]
+                donors = [d for d in config.donors if d != recv or config.self_pairs]
+                for donor in donors + ([MEAN_DONOR] if config.rules.donor_mean else []):
+                    vj = vec[(f"{MEAN_DONOR}->{recv}" if donor == MEAN_DONOR else donor, bits, seed)]
                     params = {**eval_common, "donor": donor, "receiver": recv, "bits": bits, "seed": f.params["seed"],
                               "quant": quants[bits].to_dict(), "receiver_ft": f.params["out"],
                               "receiver_ft_key": f.key, "vector": vj.params["out"], "vector_key": vj.key,
                               "lambdas": list(config.lambdas), "select_lambda": config.select_lambda,
                               "test_lambdas": ev.test_lambdas, "label": f"cells w{bits} {donor} -> {recv}{sfx}"}
+                    if signals or len(rules) > 1 + config.select_lambda:  # older plans keep their job keys
+                        params.update({"rules": [r.name for r in rules], "signals": signals})
                     key = content_key("cells", {k: v for k, v in params.items() if k != "label"})
                     jobs.append(Job(f"cells/w{bits}/{donor}->{recv}{sfx}", "cells", key, (f.id, vj.id), params))
     return Plan(config, store, jobs)
+
+
+def _probe_identity(path: Path) -> str:
+    """A probe file's digest, or a folder's listing (names and sizes): what the probe scores depend on."""
+    if path.is_file():
+        return file_digest(path)
+    listing = sorted((str(p.relative_to(path)), p.stat().st_size) for p in path.rglob("*") if p.is_file())
+    return content_key("folder", {"files": listing})
+
+
+def _signals(config: GridConfig, rules: Sequence[LambdaRule]) -> dict[str, dict]:
+    """What each label-free signal the rules need is measured on: source, its identity and its size."""
+    rc = config.rules
+    out: dict[str, dict] = {}
+    for sig in signals_of(rules):
+        if sig == "probe":
+            path = config.probe_path()
+            out[sig] = ({"path": NOISE, "id": NOISE, "size": rc.probe_size} if path is None else
+                        {"path": str(path), "id": _probe_identity(path), "size": rc.probe_size})
+        elif sig == "unlabeled":
+            out[sig] = {"id": "val", "size": rc.unlabeled_size}
+        elif sig == "noise":
+            out[sig] = {"id": NOISE, "size": rc.probe_size}
+        elif sig == "weight":
+            out[sig] = {"id": "weights"}
+    return out
 
 
 def describe_plan(plan: Plan, status: Mapping[str, str] | None = None) -> str:

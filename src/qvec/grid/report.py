@@ -14,7 +14,6 @@ lambda* uses the receiver's validation data, so it is never called zero-shot; la
 
 from __future__ import annotations
 
-import csv
 import math
 import os
 import statistics
@@ -25,16 +24,23 @@ from pathlib import Path
 
 from ..checkpoint import atomic_path
 from ..errors import QvecError
+from ..rules import MEAN_DONOR
 from .plan import lam_key, select_lambda
+from .render import Table, _plt, _save
+from .report_rules import (
+    MIN_GAP_POINTS,
+    RuleOutcome,
+    donor_table,
+    rule_outcomes,
+    rules_figure,
+    rules_tables,
+    study_rules,
+)
 from .store import ResultStore
 
 NAN = float("nan")
 ZS = "λ = 1 (zero-shot)"
 SEL = "λ* (val-selected, uses receiver data)"
-#: Receivers whose QAT ceiling is within this many points of FT+PTQ have nothing to recover; their recovery
-#: ratio is not defined. A gap within a few points is test-split noise (+-1 point standard error on 2,000 test
-#: images, +-3 on 240), and a ratio over it can read -25x.
-MIN_GAP_POINTS = 5.0
 
 
 # ---------------------------------------------------------------------------------------------- data model
@@ -89,6 +95,8 @@ class StudyData:
     qat_cost: dict[tuple[str, int], float] = field(default_factory=dict)
     config: dict = field(default_factory=dict)
     seeds: int = 1
+    #: every lambda rule's outcome per pair (qvec.grid.report_rules), the mean-of-others donor included
+    outcomes: list[RuleOutcome] = field(default_factory=list)
 
     def base(self, kind: str, receiver: str, bits: int | None = None) -> float:
         return self.baselines.get((kind, receiver, bits), NAN)
@@ -136,6 +144,8 @@ def load_study(store: ResultStore, study: str | None = None) -> StudyData:
     test: dict[tuple, dict[str, float]] = defaultdict(dict)
     cost: dict[tuple, list[float]] = defaultdict(list)
     for r in rows:
+        if r.kind == "score" or r.donor == MEAN_DONOR:  # label-free scores, multi-donor patches: report_rules
+            continue
         if r.kind != "patched":
             if r.split == "test":
                 base_acc[(r.kind, r.receiver, r.bits)].append(100.0 * r.value)
@@ -172,49 +182,11 @@ def load_study(store: ResultStore, study: str | None = None) -> StudyData:
     bits_list = sorted({r.bits for r in rows if r.bits is not None})
     qat_cost = {(t.task, t.bits): t.seconds for t in store.trainings(study) if t.bits is not None}
     return StudyData(study, rows[0].model, receivers, donors, bits_list, baselines, pairs,
-                     {k: _mean(v) for k, v in cost.items()}, qat_cost, config, len(seeds))
+                     {k: _mean(v) for k, v in cost.items()}, qat_cost, config, len(seeds),
+                     rule_outcomes(rows, config, baselines))
 
 
 # -------------------------------------------------------------------------------------------------- tables
-@dataclass
-class Table:
-    """A titled table that renders to Markdown and CSV. Cells are strings or numbers (floats shown at 1 dp)."""
-
-    name: str
-    title: str
-    columns: list[str]
-    rows: list[list]
-    note: str = ""
-    digits: int = 1
-    #: per-column format specs for Markdown (None: ``digits`` decimals); CSV keeps the numbers
-    formats: list[str | None] | None = None
-
-    def _fmt(self, v, col: int) -> str:
-        if isinstance(v, float):
-            spec = (self.formats or [None] * len(self.columns))[col] or f".{self.digits}f"
-            return "–" if math.isnan(v) else format(v, spec)
-        return str(v)
-
-    def markdown(self) -> str:
-        head = "| " + " | ".join(self.columns) + " |"
-        sep = "|" + "|".join("---" if i == 0 else "---:" for i in range(len(self.columns))) + "|"
-        body = ["| " + " | ".join(self._fmt(v, i) for i, v in enumerate(row)) + " |" for row in self.rows]
-        note = f"\n\n{self.note}" if self.note else ""
-        return "\n".join([f"**{self.title}**", "", head, sep, *body]) + note
-
-    def write(self, out_dir: Path) -> list[Path]:
-        md, cs = out_dir / f"{self.name}.md", out_dir / f"{self.name}.csv"
-        with atomic_path(md) as tmp:
-            tmp.write_text(self.markdown() + "\n")
-        with atomic_path(cs) as tmp, open(tmp, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(self.columns)
-            for row in self.rows:
-                w.writerow(["" if isinstance(v, float) and math.isnan(v) else
-                            (round(v, 4) if isinstance(v, float) else v) for v in row])
-        return [md, cs]
-
-
 def _stats(deltas: Sequence[float]) -> list[float]:
     """Best, Worst, Mean Delta (points) and Pos.% of a list of deltas (NaNs dropped)."""
     d = [x for x in deltas if not math.isnan(x)]
@@ -344,26 +316,6 @@ def ptq_verdict(data: StudyData, threshold: float = 10.0) -> tuple[int, str]:
 
 
 # ------------------------------------------------------------------------------------------------- figures
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, out_dir: Path, name: str) -> list[Path]:
-    paths = []
-    for ext in ("png", "svg"):
-        p = out_dir / f"{name}.{ext}"
-        with atomic_path(p) as tmp:
-            fig.savefig(tmp, format=ext, dpi=150 if ext == "png" else None, bbox_inches="tight")
-        paths.append(p)
-    _plt().close(fig)
-    return paths
-
-
 def heatmap_figure(data: StudyData, bits: int, out_dir: Path) -> list[Path]:
     """Donor x receiver Delta at lambda = 1 beside lambda*; diverging colours centred on 0; diagonal outlined."""
     import numpy as np
@@ -590,6 +542,10 @@ def write_report(db: str | os.PathLike, out_dir: str | os.PathLike, study: str |
     fig("FT vs FT+PTQ vs QAT+PTQ per task", bars_figure(data, out))
     fig("Radar per bit-width", radar_figure(data, out))
     fig("Distribution of λ*", lambda_figure(data, out))
+    rules = study_rules(cfg)
+    domain = [t for t in cfg.get("rules", {}).get("probe_domain", []) if t in data.receivers]
+    if len(rules) > 2:
+        fig("Transfer Δ per λ rule", rules_figure(data.outcomes, rules, data.bits, out, domain))
     for b in [lead, *[b for b in data.bits if b != lead]]:
         md += [f"## {b}-bit", ""]
         emit(baseline_table(data, b))
@@ -597,6 +553,12 @@ def write_report(db: str | os.PathLike, out_dir: str | os.PathLike, study: str |
         emit(wise_table(data, b, "donor"))
         emit(wise_table(data, b, "receiver"))
         emit(recovery_table(data, b))
+        if len(rules) > 2:
+            for t in rules_tables(data.outcomes, rules, b, domain):
+                emit(t)
+            dt = donor_table(data.outcomes, rules, b, domain)
+            if dt is not None:
+                emit(dt)
     md += ["## Cost", ""]
     emit(cost_table(data))
     path = out / "report.md"

@@ -28,8 +28,9 @@ from ..errors import QvecError
 
 SCHEMA_VERSION = 1
 
-#: Result kinds. ``patched`` is PTQ(theta_FT^R + lam * tau_D); the others are the per-receiver baselines.
-KINDS = ("ft", "ft_ptq", "qat_ptq", "pretrained", "pretrained_ptq", "patched")
+#: Result kinds. ``patched`` is PTQ(theta_FT^R + lam * tau_D); ``score`` a label-free score of it (split: the
+#: signal, metric: the measure; see :mod:`qvec.rules`); the others are the per-receiver baselines.
+KINDS = ("ft", "ft_ptq", "qat_ptq", "pretrained", "pretrained_ptq", "patched", "score")
 
 
 @dataclass

@@ -114,6 +114,7 @@ def run_demo(workdir: str | os.PathLike = "runs/demo", data: str | os.PathLike |
 SHIPPED_STUDIES: dict[str, str] = {
     "mini": "mini.toml",
     "dinov2-s": "dinov2-s.toml",
+    "mini-rules": "mini-rules.toml",
 }
 
 
