@@ -4,6 +4,7 @@ rule cells and the report's rule tables, and ``qvec patch --lam auto``."""
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -267,3 +268,52 @@ def test_rules_config_errors(tmp_path):
         path.write_text(tiny_config_text(data, extra=extra))
         with pytest.raises(QvecError, match=message.replace("(", r"\(").replace(")", r"\)")):
             load_config(path)
+
+
+# ------------------------------------------------------------------------------ Proposition 1, Fisher metric
+def test_proposition_1_predictions_and_spearman():
+    from qvec.fisher import predict, spearman
+
+    g = torch.Generator().manual_seed(0)
+    rho_d = {"a": torch.randn(4, 5, generator=g), "b": torch.randn(7, generator=g)}
+    twice = {k: 2 * v for k, v in rho_d.items()}
+    p = predict(rho_d, twice)
+    assert p.lam == pytest.approx(2.0) and p.cos2 == pytest.approx(1.0)
+    h = {k: torch.rand(v.shape, generator=g) for k, v in rho_d.items()}
+    assert predict(rho_d, twice, h).lam == pytest.approx(2.0)
+    # a metric that sees only tensor "b" predicts from "b" alone
+    only_b = {"a": torch.zeros(4, 5), "b": torch.ones(7)}
+    r = {"a": torch.randn(4, 5, generator=g), "b": 3 * rho_d["b"]}
+    assert predict(rho_d, r, only_b).lam == pytest.approx(3.0)
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(0.9486833)  # scipy's value, ties averaged
+    assert math.isnan(spearman([1, 2], [1, 2]))
+
+
+def test_diagonal_fisher_matches_per_example_gradients():
+    from qvec.fisher import diagonal_fisher
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(6, 3)
+    x = torch.randn(5, 6)
+    f = diagonal_fisher(model, x, ["weight"], seed=3, batch_size=1)
+    g = torch.Generator().manual_seed(3)
+    want = torch.zeros_like(model.weight)
+    for i in range(5):
+        logp = torch.log_softmax(model(x[i : i + 1]), -1)
+        y = torch.multinomial(logp.detach().exp(), 1, generator=g).squeeze(1)
+        (grad,) = torch.autograd.grad(torch.nn.functional.nll_loss(logp, y, reduction="sum"), [model.weight])
+        want += grad.pow(2)
+    assert torch.allclose(f["weight"], want / 5, atol=1e-6)
+
+
+def test_theory_command_on_the_tiny_study(rules_study, tmp_path, capsys):
+    root, _, _ = rules_study
+    code, text = run(capsys, "grid", "theory", root / "rules.toml", "--bits", "3", "--workdir", root,
+                     "--db", root / "rules.db", "--artifacts", root / "artifacts", "--examples", "8",
+                     "-o", tmp_path)
+    assert code == 0, text
+    assert "6 pairs at 3-bit" in text and (tmp_path / "theory_w3.csv").is_file()
+    one_line_error(capsys, "the study has bits [3], not 2", "grid", "theory", root / "rules.toml", "--bits", "2",
+                   "--db", root / "rules.db", "--artifacts", root / "artifacts")

@@ -139,6 +139,34 @@ def grid_plan(
     print(describe_plan(plan, status))
 
 
+@grid_app.command("theory")
+def grid_theory(
+    config: Annotated[Path, typer.Argument(help="Grid config (.toml/.yaml) of a finished study.")],
+    bits: Annotated[int, typer.Option("--bits", "-b", help="Bit-width to check.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for theory_w<bits>.md/.csv.")] = Path("report"),
+    examples: Annotated[int, typer.Option("--examples", help="Receiver training images for the Fisher.")] = 64,
+    db: Db = None,
+    artifacts: Artifacts = None,
+    data: DataDir = None,
+    workdir: Workdir = Path("runs"),
+) -> None:
+    """Check Proposition 1 on a study: predicted lambda* and recovery with H = I and H = the receiver's diagonal
+    Fisher, against the measured ones (Spearman). Uses the receiver's own QAT and data: not a zero-shot rule."""
+    from ..grid import default_paths
+    from ..grid.theory import fisher_check
+
+    if examples < 1:
+        raise QvecError(f"--examples must be at least 1, got {examples}")
+    cfg = _load(config, data, None, None, None, None, None, None)
+    d_db, d_art = default_paths(cfg, workdir)
+    if not (db or d_db).is_file():
+        raise QvecError(f"{db or d_db}: no such results database; run the study first")
+    chk = fisher_check(cfg, db or d_db, artifacts or d_art, bits, examples=examples, out_dir=output)
+    out.print(f"{chk.pairs} pairs at {bits}-bit; Spearman(λ pred, λ*): H=I {chk.rho_lam['I']:+.2f}, "
+              f"Fisher {chk.rho_lam['Fisher']:+.2f}; Spearman(cos², recovery): H=I {chk.rho_recovery['I']:+.2f}, "
+              f"Fisher {chk.rho_recovery['Fisher']:+.2f} -> {output / f'theory_w{bits}.md'}")
+
+
 @grid_app.command("adopt")
 def grid_adopt(
     config: Annotated[Path, typer.Argument(help="Grid config (.toml/.yaml).")],
