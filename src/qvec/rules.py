@@ -12,7 +12,8 @@ or ``err`` (weight error).
 Label-free rules have lambda = 0 among their candidates: "do not patch" is a choice, so a harmful vector is
 refused rather than applied.
 
-A new rule is one function and one registration::
+A new rule is one function and one registration (in a module that ``$QVEC_PLUGINS`` names, so that the grid's
+worker processes import it too; see :mod:`qvec.plugins`)::
 
     @register_rule("my-rule")
     def _my_rule(arg: str | None) -> LambdaRule:
@@ -157,6 +158,10 @@ def get_rule(spec: str | LambdaRule) -> LambdaRule:
     if not isinstance(spec, str) or not spec.strip():
         raise QvecError(f"a lambda rule must be a name such as 'agree', got {spec!r}")
     name, _, arg = spec.strip().partition(":")
+    if name not in _RULES:
+        from .plugins import load_plugins
+
+        load_plugins()
     factory = _RULES.get(name)
     if factory is None:
         raise QvecError(f"unknown lambda rule {spec!r}; known: {', '.join(rule_names())} (fixed takes fixed:X)")

@@ -187,6 +187,38 @@ def _vectors(vectors) -> dict[str, QuantVector]:
     return out
 
 
+def _scorer(ck: Checkpoint, quant: QuantSpec, include_in_proj: bool, batch_size: int) -> _Scorer:
+    from .models import load_model
+
+    model, adapter, spec = load_model(ck)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    keys = set(adapter.backbone_keys(ck.state))
+    ft = {k: v.detach().clone() for k, v in model.state_dict().items() if k in keys}
+    return _Scorer(model, adapter.targets(model, include_in_proj), ft, quant, adapter.data_config(spec, model),
+                   batch_size)
+
+
+def _score_all(sc: _Scorer, rule: LambdaRule, vecs: Mapping[str, QuantVector], lambdas: Iterable[float], task,
+               on_score: Callable[[str, float, float], None] | None) -> dict[str, dict[float, float]]:
+    """The rule's metric at every (donor, lambda) candidate; lambda = 0 is one model whatever the donor."""
+    scores: dict[str, dict[float, float]] = {}
+    zero = None
+    for name, vec in vecs.items():
+        scores[name] = {}
+        for lam in rule.candidates(lambdas):
+            if lam == 0.0 and zero is not None:
+                scores[name][lam] = zero
+                continue
+            s = sc.score(rule, vec, lam, task) if rule.metric else math.nan
+            if lam == 0.0:
+                zero = s
+            scores[name][lam] = s
+            if on_score is not None:
+                on_score(name, lam, s)
+    return scores
+
+
 def choose_donor(
     receiver: Checkpoint | str | Path,
     vectors: Mapping[str, QuantVector] | Sequence[QuantVector] | QuantVector,
@@ -209,8 +241,6 @@ def choose_donor(
     rules, lambda = 0 (no patch). ``require_choice`` refuses a single vector: there is no donor to choose.
     ``task`` is the receiver's task, needed only by ``val`` (and by ``agree-unlabeled`` when ``probe`` is None).
     """
-    from .models import load_model
-
     rule = get_rule(rule)
     vecs = _vectors(vectors)
     if not vecs:
@@ -220,33 +250,14 @@ def choose_donor(
     if include_mean and len(vecs) > 1:
         vecs[MEAN_DONOR] = QuantVector.mean(vecs.values())
     ck = receiver if isinstance(receiver, Checkpoint) else Checkpoint.load(receiver)
-    model, adapter, spec = load_model(ck)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    config = adapter.data_config(spec, model)
-    targets = adapter.targets(model, include_in_proj)
-    ft = {k: v.detach().clone() for k, v in model.state_dict().items() if k in adapter.backbone_keys(ck.state)}
+    sc = _scorer(ck, quant, include_in_proj, batch_size)
     for name, v in vecs.items():
-        _check_vector(name, v, ft, ck.name())
-    sc = _Scorer(model, targets, ft, quant, config, batch_size)
+        _check_vector(name, v, sc.ft, ck.name())
     t0 = time.perf_counter()
-    pr = _probe_for(rule, probe, probe_size, task, config)
+    pr = _probe_for(rule, probe, probe_size, task, sc.config)
     if pr is not None:
-        sc.refs[rule.signal] = reference(model, pr, config, batch_size)  # type: ignore[index]
-    scores: dict[str, dict[float, float]] = {}
-    zero = None
-    for name, vec in vecs.items():
-        scores[name] = {}
-        for lam in rule.candidates(lambdas):
-            if lam == 0.0 and zero is not None:  # no patch: the same model whatever the donor
-                scores[name][lam] = zero
-                continue
-            s = sc.score(rule, vec, lam, task) if rule.metric else math.nan
-            if lam == 0.0:
-                zero = s
-            scores[name][lam] = s
-            if on_score is not None:
-                on_score(name, lam, s)
+        sc.refs[rule.signal] = reference(sc.model, pr, sc.config, batch_size)  # type: ignore[index]
+    scores = _score_all(sc, rule, vecs, lambdas, task, on_score)
     secs = time.perf_counter() - t0
     if rule.metric is None:
         lam, donor = float(rule.value), next(iter(vecs))  # type: ignore[arg-type]

@@ -232,6 +232,51 @@ def _recipe(base, *overrides: Mapping):
     return recipe
 
 
+def _mean_vector_jobs(config: GridConfig, store: ArtifactStore, seeds: list, vec: dict[tuple, Job]) -> list[Job]:
+    """The mean of every other donor's vector, per receiver: a donor of its own (``mean``); adds them to ``vec``."""
+    jobs = []
+    for seed in seeds:
+        sfx = "" if seed is None else f"/s{seed}"
+        for bits in config.bits:
+            for recv in config.receivers:
+                parts = [vec[(d, bits, seed)] for d in config.donors if d != recv]
+                key = content_key("vector-mean", {"vectors": [j.key for j in parts]})
+                job = Job(f"vector/w{bits}/{MEAN_DONOR}->{recv}{sfx}", "vector", key, tuple(j.id for j in parts), {
+                    "sources": [j.params["out"] for j in parts], "out": str(store.path("vector", key)),
+                    "label": f"vector w{bits} mean of {len(parts)} donors for {recv}{sfx}"})
+                jobs.append(job)
+                vec[(f"{MEAN_DONOR}->{recv}", bits, seed)] = job
+    return jobs
+
+
+def _cell_jobs(config: GridConfig, seeds: list, quants: dict, ft: dict[tuple, Job], vec: dict[tuple, Job],
+               eval_common: dict) -> list[Job]:
+    """One cells job per (donor, receiver, bits, seed), grouped by (seed, bits, receiver) so that a sequential
+    worker keeps one receiver hot."""
+    ev = config.eval
+    rules = config.rules.rules(config.select_lambda)
+    signals = _signals(config, rules)
+    jobs = []
+    for seed in seeds:
+        sfx = "" if seed is None else f"/s{seed}"
+        for bits in config.bits:
+            for recv in config.receivers:
+                f = ft[(recv, None, seed)]
+                donors = [d for d in config.donors if d != recv or config.self_pairs]
+                for donor in donors + ([MEAN_DONOR] if config.rules.donor_mean else []):
+                    vj = vec[(f"{MEAN_DONOR}->{recv}" if donor == MEAN_DONOR else donor, bits, seed)]
+                    params = {**eval_common, "donor": donor, "receiver": recv, "bits": bits, "seed": f.params["seed"],
+                              "quant": quants[bits].to_dict(), "receiver_ft": f.params["out"],
+                              "receiver_ft_key": f.key, "vector": vj.params["out"], "vector_key": vj.key,
+                              "lambdas": list(config.lambdas), "select_lambda": config.select_lambda,
+                              "test_lambdas": ev.test_lambdas, "label": f"cells w{bits} {donor} -> {recv}{sfx}"}
+                    if signals or len(rules) > 1 + config.select_lambda:  # older plans keep their job keys
+                        params.update({"rules": [r.name for r in rules], "signals": signals})
+                    key = content_key("cells", {k: v for k, v in params.items() if k != "label"})
+                    jobs.append(Job(f"cells/w{bits}/{donor}->{recv}{sfx}", "cells", key, (f.id, vj.id), params))
+    return jobs
+
+
 def build_plan(config: GridConfig, artifacts_root: str | Path) -> Plan:
     """The full job graph of ``config`` (validated) against an artifact store; pure, does no work."""
     from ..recipe import Recipe
@@ -328,40 +373,9 @@ def build_plan(config: GridConfig, artifacts_root: str | Path) -> Plan:
                 jobs.append(Job(f"baseline/w{bits}/{recv}{sfx}", "baseline", key, (*theta0_deps, f.id, q.id),
                                 params))
 
-    # The mean of every other donor's vector, per receiver: a donor of its own (``mean``).
     if config.rules.donor_mean:
-        for seed in seeds:
-            sfx = "" if seed is None else f"/s{seed}"
-            for bits in config.bits:
-                for recv in config.receivers:
-                    parts = [vec[(d, bits, seed)] for d in config.donors if d != recv]
-                    key = content_key("vector-mean", {"vectors": [j.key for j in parts]})
-                    job = Job(f"vector/w{bits}/{MEAN_DONOR}->{recv}{sfx}", "vector", key, tuple(j.id for j in parts), {
-                        "sources": [j.params["out"] for j in parts], "out": str(store.path("vector", key)),
-                        "label": f"vector w{bits} mean of {len(parts)} donors for {recv}{sfx}"})
-                    jobs.append(job)
-                    vec[(f"{MEAN_DONOR}->{recv}", bits, seed)] = job
-
-    rules = config.rules.rules(config.select_lambda)
-    signals = _signals(config, rules)
-    # Cells last, grouped by (seed, bits, receiver) so a sequential worker keeps one receiver hot.
-    for seed in seeds:
-        sfx = "" if seed is None else f"/s{seed}"
-        for bits in config.bits:
-            for recv in config.receivers:
-                f = ft[(recv, None, seed)]
-                donors = [d for d in config.donors if d != recv or config.self_pairs]
-                for donor in donors + ([MEAN_DONOR] if config.rules.donor_mean else []):
-                    vj = vec[(f"{MEAN_DONOR}->{recv}" if donor == MEAN_DONOR else donor, bits, seed)]
-                    params = {**eval_common, "donor": donor, "receiver": recv, "bits": bits, "seed": f.params["seed"],
-                              "quant": quants[bits].to_dict(), "receiver_ft": f.params["out"],
-                              "receiver_ft_key": f.key, "vector": vj.params["out"], "vector_key": vj.key,
-                              "lambdas": list(config.lambdas), "select_lambda": config.select_lambda,
-                              "test_lambdas": ev.test_lambdas, "label": f"cells w{bits} {donor} -> {recv}{sfx}"}
-                    if signals or len(rules) > 1 + config.select_lambda:  # older plans keep their job keys
-                        params.update({"rules": [r.name for r in rules], "signals": signals})
-                    key = content_key("cells", {k: v for k, v in params.items() if k != "label"})
-                    jobs.append(Job(f"cells/w{bits}/{donor}->{recv}{sfx}", "cells", key, (f.id, vj.id), params))
+        jobs += _mean_vector_jobs(config, store, seeds, vec)
+    jobs += _cell_jobs(config, seeds, quants, ft, vec, eval_common)
     return Plan(config, store, jobs)
 
 
