@@ -317,3 +317,21 @@ def test_theory_command_on_the_tiny_study(rules_study, tmp_path, capsys):
     assert "6 pairs at 3-bit" in text and (tmp_path / "theory_w3.csv").is_file()
     one_line_error(capsys, "the study has bits [3], not 2", "grid", "theory", root / "rules.toml", "--bits", "2",
                    "--db", root / "rules.db", "--artifacts", root / "artifacts")
+
+
+def test_rules_from_plugin_modules(tmp_path, monkeypatch):
+    import qvec.plugins
+
+    (tmp_path / "my_rules.py").write_text(
+        "from qvec.rules import LambdaRule, register_rule\n"
+        "@register_rule('plugin-quarter')\n"
+        "def _q(arg):\n"
+        "    return LambdaRule('plugin-quarter', value=0.25)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("QVEC_PLUGINS", "my_rules")
+    monkeypatch.setattr(qvec.plugins, "_LOADED", False)
+    assert get_rule("plugin-quarter").choose() == 0.25
+    monkeypatch.setenv("QVEC_PLUGINS", "no_such_module_here")
+    monkeypatch.setattr(qvec.plugins, "_LOADED", False)
+    with pytest.raises(QvecError, match="QVEC_PLUGINS: cannot import 'no_such_module_here'"):
+        get_rule("still-unknown")

@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 
 from .checkpoint import Checkpoint  # noqa: E402
 from .errors import QvecError  # noqa: E402
+from .gptq import GPTQConfig  # noqa: E402  (registers the GPTQ quantize_ handler)
 from .models import ModelSpec, build_model, get_adapter, load_model  # noqa: E402
 from .pack import load_packed, pack_checkpoint  # noqa: E402
 from .ptq import quantize_checkpoint  # noqa: E402
@@ -21,6 +22,7 @@ from .vector import QuantVector  # noqa: E402
 
 __all__ = [
     "Checkpoint",
+    "GPTQConfig",
     "LambdaChoice",
     "LambdaRule",
     "ModelSpec",

@@ -21,7 +21,7 @@ import torch
 
 from .checkpoint import META_FORMAT, META_MODEL, META_QUANT, Checkpoint, read_safetensors, save_safetensors
 from .errors import QvecError
-from .ptq import target_keys
+from .ptq import quantize_checkpoint_state, target_keys
 from .quant import NonFiniteWeightError, QuantSpec, _grouped_view, dequantize_codes, quantize_codes
 
 CODES, SCALE, ZERO = ".__qcodes", ".__qscale", ".__qzero"
@@ -74,9 +74,11 @@ def _scale_dtype_for(scale: torch.Tensor, wanted: torch.dtype) -> torch.dtype:
 
 
 def pack_state(
-    state: dict[str, torch.Tensor], keys: list[str], quant: QuantSpec, scale_dtype: torch.dtype = torch.float16
+    state: dict[str, torch.Tensor], keys: list[str], quant: QuantSpec, scale_dtype: torch.dtype = torch.float16,
+    qparams: dict[str, tuple] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, list[int]]]:
-    """Tensors of a packed checkpoint, and the original shape of every packed weight."""
+    """Tensors of a packed checkpoint, and the original shape of every packed weight. ``qparams`` gives the
+    (scale, zero) of weights already on the grid (a calibrated quantizer's output), so their codes are exact."""
     out: dict[str, torch.Tensor] = {}
     shapes: dict[str, list[int]] = {}
     keyset = set(keys)
@@ -88,7 +90,7 @@ def pack_state(
             out[k] = t
             continue
         try:
-            levels, scale, zero = quantize_codes(t, quant)
+            levels, scale, zero = quantize_codes(t, quant, qparams.get(k) if qparams else None)
         except NonFiniteWeightError as e:
             raise NonFiniteWeightError(f"{k}: {e}") from None
         out[k + CODES] = torch.from_numpy(pack_bits(levels.numpy(), quant.bits))
@@ -135,14 +137,26 @@ def unpack_state(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> dict
 
 def pack_checkpoint(
     ckpt: Checkpoint,
-    quant: QuantSpec,
+    quant,
     out: str | os.PathLike,
     include_in_proj: bool = True,
     scale_dtype: str = "float16",
+    calibration=None,
+    calibration_size: int = 128,
 ) -> PackReport:
-    """Write a real low-bit checkpoint of ``ckpt`` to ``out`` and report its size against fp32/fp16."""
+    """Write a real low-bit checkpoint of ``ckpt`` to ``out`` and report its size against fp32/fp16.
+
+    ``quant`` is RTN's :class:`QuantSpec` or a calibrated config (:class:`qvec.gptq.GPTQConfig`, with
+    ``calibration``): either way the codes are on the same integer grid and the file has the same format."""
     if scale_dtype not in SCALE_DTYPES:
         raise QvecError(f"scale dtype must be one of {', '.join(SCALE_DTYPES)}, got {scale_dtype!r}")
+    record = {**quant.to_dict(), "include_in_proj": include_in_proj}
+    qparams = None
+    if not isinstance(quant, QuantSpec):
+        q, _ = quantize_checkpoint_state(ckpt, quant, include_in_proj, calibration=calibration,
+                                         calibration_size=calibration_size)
+        record = json.loads(q.meta[META_QUANT])
+        ckpt, qparams, quant = Checkpoint(q.state, ckpt.meta, ckpt.path), q.qparams, quant.grid
     spec = ckpt.model_spec
     keys = target_keys(spec, include_in_proj)
     for k in keys:
@@ -150,12 +164,12 @@ def pack_checkpoint(
             raise QvecError(f"{ckpt.name()}: quantization target {k!r} is not in the checkpoint")
         _grouped_view(ckpt.state[k], quant)  # validates group size up front, before anything is written
     try:
-        tensors, shapes = pack_state(ckpt.state, keys, quant, SCALE_DTYPES[scale_dtype])
+        tensors, shapes = pack_state(ckpt.state, keys, quant, SCALE_DTYPES[scale_dtype], qparams)
     except NonFiniteWeightError as e:
         raise NonFiniteWeightError(f"{ckpt.name()}: {e}") from None
     meta = {k: v for k, v in ckpt.meta.items() if k != META_FORMAT}
     meta[META_FORMAT] = "packed"
-    meta[META_QUANT] = json.dumps({**quant.to_dict(), "include_in_proj": include_in_proj})
+    meta[META_QUANT] = json.dumps(record)
     meta[META_PACKED] = json.dumps(
         {
             "quant": quant.to_dict(),

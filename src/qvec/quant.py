@@ -107,12 +107,14 @@ def compute_qparams(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, tor
     return scale, zero
 
 
-def quantize_codes(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def quantize_codes(w: torch.Tensor, spec: QuantSpec, qparams: tuple | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Unsigned levels ``q - qmin`` in ``[0, 2**bits - 1]`` (uint8, shape of the grouped view), scales, zeros.
 
     Levels rather than signed codes so that every bit-width, 8-bit asymmetric included, fits a uint8.
+    ``qparams`` = (scale, zero) of a weight already on the grid (GPTQ's output): its codes are then exact.
     """
-    scale, zero = compute_qparams(w, spec)
+    scale, zero = compute_qparams(w, spec) if qparams is None else qparams
     q = torch.round(_grouped_view(w.detach(), spec).float() / scale)
     if zero is not None:
         q += zero
@@ -259,22 +261,63 @@ def _raw_param(module: nn.Module, attr: str) -> torch.Tensor:
     return getattr(module, attr)
 
 
-@torch.no_grad()
-def quantize_(model: nn.Module, spec: QuantSpec, targets: Sequence[Target] | None = None) -> list[str]:
-    """Post-training quantization in place: every target weight becomes its RTN reconstruction.
+#: Quantizer config type -> handler(model, config, targets, calibration) for quantizers other than RTN.
+_HANDLERS: dict[type, Callable] = {}
 
+
+def register_quantize_handler(config_type: type) -> Callable[[Callable], Callable]:
+    """Register the in-place quantizer for a config type (torchao style): ``quantize_`` dispatches on the config."""
+
+    def deco(fn: Callable) -> Callable:
+        _HANDLERS[config_type] = fn
+        return fn
+
+    return deco
+
+
+def quantizer_grid(config) -> QuantSpec:
+    """The integer grid of a quantizer config: RTN's QuantSpec itself, or a calibrated config's ``grid``."""
+    return config if isinstance(config, QuantSpec) else config.grid
+
+
+@torch.no_grad()
+def quantize_(model: nn.Module, spec, targets: Sequence[Target] | None = None,
+              calibration: torch.Tensor | None = None) -> list[str]:
+    """Post-training quantization in place: every target weight becomes its quantized reconstruction.
+
+    ``spec`` is a quantizer config: a :class:`QuantSpec` (RTN, no data) or a registered config such as
+    :class:`qvec.gptq.GPTQConfig`, whose handler takes ``calibration`` (preprocessed unlabeled images).
     ``targets`` defaults to :func:`find_targets` with a head named ``head``; model adapters pass their own.
     Returns the keys that were quantized.
     """
     if targets is None:
         targets = find_targets(model)
-    weights = [(t.key, _raw_param(t.module, t.attr)) for t in targets]
-    for key, w in weights:  # every target is checked before any is changed, so a refusal leaves the model as it was
-        if w.is_floating_point() and w.numel() and not bool(torch.isfinite(w.sum())):
-            _require_finite_tensor(key, w)
+    if not isinstance(spec, QuantSpec):
+        calibrated_quantize_(model, spec, targets, calibration)
+        return [t.key for t in targets]
+    weights = _check_targets_finite(targets)
     for _, w in weights:
         fake_quantize_(w, spec, check_finite=False)
     return [t.key for t in targets]
+
+
+def calibrated_quantize_(model: nn.Module, config, targets: Sequence[Target],
+                         calibration: torch.Tensor | None) -> dict[str, tuple]:
+    """Run a registered (non-RTN) quantizer in place; returns each target's (scale, zero) on the integer grid."""
+    handler = _HANDLERS.get(type(config))
+    if handler is None:
+        raise QvecError(f"no quantizer registered for {type(config).__name__}")
+    _check_targets_finite(targets)
+    return handler(model, config, list(targets), calibration)
+
+
+def _check_targets_finite(targets: Sequence[Target]) -> list[tuple[str, torch.Tensor]]:
+    """Every target is checked before any is changed, so a refusal leaves the model as it was."""
+    weights = [(t.key, _raw_param(t.module, t.attr)) for t in targets]
+    for key, w in weights:
+        if w.is_floating_point() and w.numel() and not bool(torch.isfinite(w.sum())):
+            _require_finite_tensor(key, w)
+    return weights
 
 
 def _require_finite_tensor(key: str, w: torch.Tensor) -> None:

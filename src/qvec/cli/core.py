@@ -48,8 +48,32 @@ def load_checkpoint(path: Path, model: str | None = None) -> Checkpoint:
     return with_model(ckpt, model) if model else ckpt
 
 
+Method = Annotated[str, typer.Option("--method", help="rtn (round-to-nearest, no data; default) or gptq "
+                                     "(calibrated on --calib unlabeled images; same integer grid).")]
+Calib = Annotated[str | None, typer.Option("--calib", help="GPTQ calibration images: a folder, an .npz, or noise "
+                                           "(unlabeled; the receiver's own inputs or a generic set).")]
+CalibSize = Annotated[int, typer.Option("--calib-size", help="GPTQ calibration images used.")]
+
+
 def quant_spec(bits: int, granularity: str, group_size: int, asymmetric: bool) -> QuantSpec:
     return QuantSpec(bits=bits, symmetric=not asymmetric, granularity=granularity, group_size=group_size)
+
+
+def quantizer_config(method: str, bits: int, granularity: str, group_size: int, asymmetric: bool,
+                     calib: str | None):
+    """The quantizer config the CLI flags name: RTN's QuantSpec, or GPTQ on the same grid."""
+    from ..gptq import GPTQConfig
+
+    spec = quant_spec(bits, granularity, group_size, asymmetric)
+    if method == "rtn":
+        if calib is not None:
+            raise QvecError("--calib is for --method gptq (RTN needs no data)")
+        return spec
+    if method == "gptq":
+        if calib is None:
+            raise QvecError("--method gptq needs --calib PATH|noise (unlabeled calibration images)")
+        return GPTQConfig(bits, spec.symmetric, granularity, group_size)
+    raise QvecError(f"--method must be rtn or gptq, got {method!r}")
 
 
 def _mb(n: int) -> str:
@@ -180,12 +204,16 @@ def quantize(
     asymmetric: Asym = False,
     in_proj: InProj = True,
     model: ModelOpt = None,
+    method: Method = "rtn",
+    calib: Calib = None,
+    calib_size: CalibSize = 128,
 ) -> None:
-    """Post-training quantization (RTN, weight-only): write a fake-quantized float checkpoint."""
-    spec = quant_spec(bits, granularity, group_size, asymmetric)
-    q = quantize_checkpoint(load_checkpoint(input, model), spec, include_in_proj=in_proj)
+    """Post-training quantization (weight-only RTN, or GPTQ with --calib): write a fake-quantized float checkpoint."""
+    spec = quantizer_config(method, bits, granularity, group_size, asymmetric, calib)
+    q = quantize_checkpoint(load_checkpoint(input, model), spec, include_in_proj=in_proj, calibration=calib,
+                            calibration_size=calib_size)
     q.save(output)
-    out.print(f"wrote {output}: {spec}")
+    out.print(f"wrote {output}: {spec}" + (f" calibrated on {calib_size} images of {calib}" if calib else ""))
 
 
 @app.command()
@@ -199,10 +227,14 @@ def pack(
     in_proj: InProj = True,
     scale_dtype: Annotated[str, typer.Option(help="float16 (default) or float32 (bit-exact with PTQ).")] = "float16",
     model: ModelOpt = None,
+    method: Method = "rtn",
+    calib: Calib = None,
+    calib_size: CalibSize = 128,
 ) -> None:
     """Write a real low-bit checkpoint: bit-packed integer codes, fp16 scales, other tensors as is."""
-    spec = quant_spec(bits, granularity, group_size, asymmetric)
-    r = pack_checkpoint(load_checkpoint(input, model), spec, output, include_in_proj=in_proj, scale_dtype=scale_dtype)
+    spec = quantizer_config(method, bits, granularity, group_size, asymmetric, calib)
+    r = pack_checkpoint(load_checkpoint(input, model), spec, output, include_in_proj=in_proj, scale_dtype=scale_dtype,
+                        calibration=calib, calibration_size=calib_size)
     out.print(
         f"wrote {output}: {_mb(r.packed_bytes)} (fp32 {_mb(r.fp32_bytes)}, fp16 {_mb(r.fp16_bytes)}); "
         f"{r.num_quantized} quantized tensors at {r.quantized_ratio:.3f} of their fp32 size"
