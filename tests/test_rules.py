@@ -191,6 +191,11 @@ def rules_study(tmp_path_factory):
         write_suite(root / "data", tasks=[t], n_train=300, n_test=80, n_pretrain=300)
     text = tiny_config_text(data, name="rules", extra="""
 self_pairs = false
+quantizers = ["rtn", "gptq"]
+
+[gptq]
+calibration = "receiver"
+images = 16
 
 [rules]
 use = ["agree", "agree:top1", "agree-unlabeled", "agree-noise", "weight", "fixed:0.5", "toy-half"]
@@ -213,6 +218,7 @@ def test_every_rule_is_measured_on_test(rules_study):
     plan = build_plan(cfg, root / "artifacts")
     cells = [j for j in plan.jobs if j.kind == "cells"]
     assert len(cells) == 3 * 2 + 3  # 6 transfer pairs and the mean of the others per receiver
+    assert len([j for j in plan.jobs if j.kind == "gptq"]) == 3  # one per receiver
     with ResultStore(root / "rules.db") as store:
         rows = store.results("rules")
     for job in cells:
@@ -245,12 +251,25 @@ def test_rerun_measures_nothing_and_report_has_every_rule(rules_study, tmp_path)
         assert f"| {name} |" in md
     assert "receivers in the probe's domain: syn_shapes" in md and "Choosing the donor" in md
     assert (tmp_path / "rules.png").is_file() and (tmp_path / "rules_w3.csv").is_file()
+    assert "Which pipeline at 3-bit" in md and "GPTQ agree" in md
     with ResultStore(root / "rules.db") as store:
         data = load_study(store)
     zero = [o for o in data.outcomes if o.lam == 0.0]
     assert all(o.delta == 0.0 for o in zero)  # no patch is FT+PTQ itself
     assert {o.donor for o in data.outcomes} == {*THREE, "mean"}
     assert all(p.donor != "mean" for p in data.pairs)  # the paper's tables keep single donors
+
+
+def test_gptq_in_the_grid(rules_study):
+    root, cfg, _ = rules_study
+    with ResultStore(root / "rules.db") as store:
+        rows = store.results("rules")
+    g = [r for r in rows if r.kind.startswith("gptq:")]
+    assert {r.kind for r in g} == {"gptq:ft_ptq", "gptq:qat_ptq", "gptq:patched"}
+    assert all("gptq-w3-sym-channel calib=receiver:16" == r.quant for r in g)
+    for recv in THREE:  # lambda = 1 for every donor, and the rules' choices
+        mine = [r for r in g if r.kind == "gptq:patched" and r.receiver == recv]
+        assert {r.donor for r in mine} == set(THREE) - {recv} and all(r.lam in (0.5, 1.0) for r in mine)
 
 
 def test_rules_config_errors(tmp_path):
@@ -263,6 +282,10 @@ def test_rules_config_errors(tmp_path):
         ('[rules]\ndonor_mean = true', "rules.donor_mean needs at least 3 donors"),
         ('[rules]\nprobe_domain = ["cifar10"]', "rules.probe_domain: 'cifar10' is not one of the grid's tasks"),
         ('[rules]\ncolour = 1', "unknown key rules.colour"),
+        ('quantizers = ["gptq"]', "quantizers must include 'rtn'"),
+        ('quantizers = ["rtn", "awq"]', "unknown quantizer 'awq'"),
+        ('[gptq]\nimages = 4', "gptq.images must be an integer of at least 8"),
+        ('[gptq]\ncalibration = "nowhere.npz"', "gptq.calibration 'nowhere.npz': no such file"),
     ]:
         path = tmp_path / "c.toml"
         path.write_text(tiny_config_text(data, extra=extra))

@@ -86,6 +86,30 @@ class RulesConfig:
 
 
 @dataclass
+class GPTQGridConfig:
+    """How a study runs GPTQ (``quantizers = ["rtn", "gptq"]``): calibration source and the algorithm's knobs.
+
+    ``calibration`` is ``receiver`` (the receiver's own unlabeled training inputs), ``noise``, or a generic probe
+    (.npz or image folder; relative to data_dir, or a path). Results record which.
+    """
+
+    calibration: str = "receiver"
+    images: int = 128
+    damp: float = 0.01
+    block_size: int = 128
+    act_order: bool = True
+
+    def config(self, quant: QuantSpec):
+        from ..gptq import GPTQConfig
+
+        return GPTQConfig(quant.bits, quant.symmetric, quant.granularity, quant.group_size, self.damp,
+                          self.block_size, self.act_order)
+
+
+QUANTIZERS = ("rtn", "gptq")
+
+
+@dataclass
 class PretrainConfig:
     """Pretraining of theta_0 from scratch on a JPEG corpus (``backbone = "pretrain"``)."""
 
@@ -126,6 +150,9 @@ class GridConfig:
     data_dir: str | None = None
     eval: EvalConfig = field(default_factory=EvalConfig)
     rules: RulesConfig = field(default_factory=RulesConfig)
+    #: the PTQ pipelines compared: RTN (the paper's, always) and optionally GPTQ (see ``gptq``)
+    quantizers: list[str] = field(default_factory=lambda: ["rtn"])
+    gptq: GPTQGridConfig = field(default_factory=GPTQGridConfig)
     source: str = "<flags>"
 
     # ------------------------------------------------------------------------------------------ derived
@@ -145,23 +172,30 @@ class GridConfig:
         d.pop("source")
         if d["rules"] == asdict(RulesConfig()):  # studies without rules keep the fingerprint they always had
             d.pop("rules")
+        if d["quantizers"] == ["rtn"] and d["gptq"] == asdict(GPTQGridConfig()):
+            d.pop("quantizers")
+            d.pop("gptq")
         return d
 
-    def probe_path(self) -> Path | None:
-        """The generic probe: 'noise', a path, or a file or folder inside the data folder; None without one."""
+    def resolve_data_file(self, p: str, where: str) -> Path:
+        """A file or folder named in the config: a path, else relative to the config, else inside data_dir."""
         from ..tasks import resolve_data_dir
 
-        p = self.rules.probe
-        if not p or p == "noise":
-            return None
         cand = self.resolve_path(p)
         if not cand.exists() and not os.path.isabs(p):
             folder = resolve_data_dir(self.data_path())
             if folder is not None and (Path(folder) / p).exists():
                 cand = Path(folder) / p
         if not cand.exists():
-            raise QvecError(f"{self.source}: rules.probe {p!r}: no such file or folder")
+            raise QvecError(f"{self.source}: {where} {p!r}: no such file or folder")
         return cand.resolve()
+
+    def probe_path(self) -> Path | None:
+        """The generic probe: 'noise', a path, or a file or folder inside the data folder; None without one."""
+        p = self.rules.probe
+        if not p or p == "noise":
+            return None
+        return self.resolve_data_file(p, "rules.probe")
 
     def fingerprint(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -258,6 +292,7 @@ class GridConfig:
                                           or ev.batch_size < 1):
             raise QvecError(f"{src}: eval.batch_size must be a positive integer, got {ev.batch_size!r}")
         self._validate_rules()
+        self._validate_quantizers()
         self._validate_backbone()
         self._validate_recipes()
         if check_tasks:
@@ -284,6 +319,22 @@ class GridConfig:
         if rc.donor_mean and len(self.donors) < 3:
             raise QvecError(f"{src}: rules.donor_mean needs at least 3 donors (the mean of the others), got "
                             f"{len(self.donors)}")
+
+    def _validate_quantizers(self) -> None:
+        src, g = self.source, self.gptq
+        bad = [q for q in self.quantizers if q not in QUANTIZERS]
+        if bad:
+            raise QvecError(f"{src}: quantizers: unknown quantizer {bad[0]!r}; known: {', '.join(QUANTIZERS)}")
+        if "rtn" not in self.quantizers:
+            raise QvecError(f"{src}: quantizers must include 'rtn' (the paper's pipeline, the cells' quantizer)")
+        if isinstance(g.images, bool) or not isinstance(g.images, int) or g.images < 8:
+            raise QvecError(f"{src}: gptq.images must be an integer of at least 8, got {g.images!r}")
+        try:
+            g.config(self.quant(self.bits[0]))
+        except QvecError as e:
+            raise QvecError(f"{src}: gptq: {e}") from None
+        if g.calibration not in ("receiver", "noise"):
+            self.resolve_data_file(g.calibration, "gptq.calibration")
 
     def _validate_backbone(self) -> None:
         src = self.source
@@ -485,6 +536,16 @@ def config_from_dict(raw: Mapping[str, Any], source: str = "<flags>") -> GridCon
         kw["eval"] = EvalConfig(**ev)
     if "rules" in raw:
         kw["rules"] = _rules_section(source, raw["rules"])
+    if "quantizers" in raw:
+        kw["quantizers"] = [_expect(source, "quantizers", q, str, "a list of quantizer names")
+                            for q in _expect(source, "quantizers", raw["quantizers"], list, "a list")]
+    if "gptq" in raw:
+        g = dict(_expect(source, "gptq", raw["gptq"], dict, "a table"))
+        known = {f.name for f in fields(GPTQGridConfig)}
+        for k in g:
+            if k not in known:
+                raise QvecError(f"{source}: unknown key gptq.{k}; known: {', '.join(sorted(known))}")
+        kw["gptq"] = GPTQGridConfig(**g)
     if "name" not in kw:
         kw["name"] = Path(source).stem if source != "<flags>" else "grid"
     return GridConfig(source=source, **kw)

@@ -31,7 +31,7 @@ from ..rules import MEAN_DONOR, SIGNALS, LambdaRule, get_rule, lam_key, select_l
 from .artifacts import ArtifactStore, content_key, file_digest
 from .config import GridConfig
 
-KIND_ORDER = ("pretrain", "finetune", "vector", "baseline", "cells")
+KIND_ORDER = ("pretrain", "finetune", "vector", "baseline", "cells", "gptq")
 FLOAT_BASELINES = ("ft", "pretrained")
 PTQ_BASELINES = ("ft_ptq", "qat_ptq", "pretrained_ptq")
 
@@ -175,6 +175,8 @@ def job_result_keys(job: Job, lookup: Callable[[Iterable[str]], Mapping[str, flo
     p = job.params
     if job.kind == "baseline":
         return [it["key"] for it in baseline_items(p)]
+    if job.kind == "gptq":
+        return gptq_result_keys(p, lookup)
     if job.kind != "cells":
         return []
     val_keys = {cell_key(p, lam, "val"): lam for lam in p["lambdas"]} if p["select_lambda"] else {}
@@ -204,11 +206,105 @@ def candidate_keys(job: Job) -> list[str]:
     p = job.params
     if job.kind == "baseline":
         return [it["key"] for it in baseline_items(p)]
+    if job.kind == "gptq":
+        return gptq_candidate_keys(p)
     if job.kind != "cells":
         return []
     lams = [*p["lambdas"], 1.0]
     return ([cell_key(p, lam, "val") for lam in p["lambdas"]] + list(score_keys(p))
             + [cell_key(p, lam, "test") for lam in lams])
+
+
+# ------------------------------------------------------------------------------------------------- GPTQ
+def gptq_quant(params: Mapping) -> dict:
+    """What a GPTQ row's number depends on beyond the weights: the config and the calibration set."""
+    return {**params["gptq"], "calibration": params["calib"]["id"], "images": params["calib"]["images"]}
+
+
+def gptq_key(params: Mapping, kind: str, state: str, vector: str = "", lam: float | None = None) -> str:
+    """Key of one GPTQ row: ``gptq:ft_ptq`` (GPTQ of FT), ``gptq:qat_ptq`` or ``gptq:patched`` (FT + lam tau)."""
+    return result_key(f"gptq:{kind}", state=state, head=params["receiver_ft_key"], quant=gptq_quant(params),
+                      in_proj=params["include_in_proj"], split="test", limit=params["test_limit"], vector=vector,
+                      lam=lam)
+
+
+def gptq_pair_params(params: Mapping, pair: Mapping) -> dict:
+    """The cells-job view of one donor of a GPTQ job (to look up its validation rows and scores)."""
+    return {**params, "donor": pair["donor"], "vector": pair["vector"], "vector_key": pair["vector_key"]}
+
+
+def gptq_lambdas(params: Mapping, lookup: Callable[[Iterable[str]], Mapping[str, float]]
+                 ) -> dict[str, list[float]] | None:
+    """Per donor, the lambdas GPTQ(FT + lam tau) is measured at: 1 and every rule's choice (None: not known yet)."""
+    out = {}
+    for pair in params["pairs"]:
+        cp = gptq_pair_params(params, pair)
+        val_keys = {cell_key(cp, lam, "val"): lam for lam in cp["lambdas"]} if cp["select_lambda"] else {}
+        sk = score_keys(cp)
+        have = lookup([*val_keys, *sk])
+        if len(have) < len(val_keys) + len(sk):
+            return None
+        scores: dict[str, dict[float, float]] = {}
+        for k, (metric, lam) in sk.items():
+            scores.setdefault(metric, {})[lam] = have[k]
+        choices = pair_choices(pair_rules(cp), {lam: have[k] for k, lam in val_keys.items()}, scores)
+        out[pair["donor"]] = lambdas_on_test({**cp, "test_lambdas": "selected"}, choices)
+    return out
+
+
+def gptq_result_keys(params: Mapping, lookup: Callable[[Iterable[str]], Mapping[str, float]]) -> list[str] | None:
+    lams = gptq_lambdas(params, lookup)
+    if lams is None:
+        return None
+    keys = [gptq_key(params, "ft_ptq", params["receiver_ft_key"]), gptq_key(params, "qat_ptq", params["qat_key"])]
+    for pair in params["pairs"]:
+        keys += [gptq_key(params, "patched", params["receiver_ft_key"], pair["vector_key"], lam)
+                 for lam in lams[pair["donor"]]]
+    return keys
+
+
+def gptq_candidate_keys(params: Mapping) -> list[str]:
+    """The cells' validation and score keys (to choose lambda) and every GPTQ row the job might produce."""
+    keys = [gptq_key(params, "ft_ptq", params["receiver_ft_key"]), gptq_key(params, "qat_ptq", params["qat_key"])]
+    for pair in params["pairs"]:
+        cp = gptq_pair_params(params, pair)
+        keys += [cell_key(cp, lam, "val") for lam in cp["lambdas"]] + list(score_keys(cp))
+        keys += [gptq_key(params, "patched", params["receiver_ft_key"], pair["vector_key"], lam)
+                 for lam in {*cp["lambdas"], 1.0}]
+    return keys
+
+
+def _gptq_jobs(config: GridConfig, seeds: list, quants: dict, ft: dict, qat: dict, cells: list[Job]) -> list[Job]:
+    """Per (receiver, bits, seed): GPTQ of FT, of QAT, and of FT + lam tau_D for every donor at lambda = 1 and
+    at each rule's choice (read from the receiver's cells, which it therefore follows)."""
+    g = config.gptq
+    if g.calibration in ("receiver", "noise"):
+        calib = {"source": g.calibration, "id": g.calibration, "images": g.images}
+    else:
+        path = config.resolve_data_file(g.calibration, "gptq.calibration")
+        calib = {"source": str(path), "id": _probe_identity(path), "images": g.images}
+    jobs = []
+    for seed in seeds:
+        sfx = "" if seed is None else f"/s{seed}"
+        for bits in config.bits:
+            for recv in config.receivers:
+                mine = [j for j in cells if j.params["bits"] == bits and j.params["receiver"] == recv
+                        and j.params["seed"] == ft[(recv, None, seed)].params["seed"]
+                        and j.params["donor"] not in (recv, MEAN_DONOR)]
+                if not mine:
+                    continue
+                f, q = ft[(recv, None, seed)], qat[(recv, bits, seed)]
+                base = {k: v for k, v in mine[0].params.items()
+                        if k not in ("donor", "vector", "vector_key", "label")}
+                params = {**base, "qat": q.params["out"], "qat_key": q.key,
+                          "gptq": g.config(quants[bits]).to_dict(), "calib": calib,
+                          "pairs": [{"donor": j.params["donor"], "vector": j.params["vector"],
+                                     "vector_key": j.params["vector_key"]} for j in mine],
+                          "label": f"gptq w{bits} {recv}{sfx} ({len(mine)} donors)"}
+                key = content_key("gptq", {k: v for k, v in params.items() if k != "label"})
+                jobs.append(Job(f"gptq/w{bits}/{recv}{sfx}", "gptq", key, (f.id, q.id, *(j.id for j in mine)),
+                                params))
+    return jobs
 
 
 # ------------------------------------------------------------------------------------------------ planning
@@ -375,7 +471,10 @@ def build_plan(config: GridConfig, artifacts_root: str | Path) -> Plan:
 
     if config.rules.donor_mean:
         jobs += _mean_vector_jobs(config, store, seeds, vec)
-    jobs += _cell_jobs(config, seeds, quants, ft, vec, eval_common)
+    cells = _cell_jobs(config, seeds, quants, ft, vec, eval_common)
+    jobs += cells
+    if "gptq" in config.quantizers:
+        jobs += _gptq_jobs(config, seeds, quants, ft, qat, cells)
     return Plan(config, store, jobs)
 
 

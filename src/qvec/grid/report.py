@@ -27,6 +27,7 @@ from ..errors import QvecError
 from ..rules import MEAN_DONOR
 from .plan import lam_key, select_lambda
 from .render import Table, _plt, _save
+from .report_pipelines import gptq_cost, gptq_patched, pipelines_table
 from .report_rules import (
     MIN_GAP_POINTS,
     RuleOutcome,
@@ -97,6 +98,9 @@ class StudyData:
     seeds: int = 1
     #: every lambda rule's outcome per pair (qvec.grid.report_rules), the mean-of-others donor included
     outcomes: list[RuleOutcome] = field(default_factory=list)
+    #: (bits, donor, receiver) -> {lambda: GPTQ(FT + lam tau) accuracy}, and GPTQ's cost (s/model, images)
+    gptq: dict = field(default_factory=dict)
+    gptq_cost: tuple = (NAN, 0)
 
     def base(self, kind: str, receiver: str, bits: int | None = None) -> float:
         return self.baselines.get((kind, receiver, bits), NAN)
@@ -144,7 +148,7 @@ def load_study(store: ResultStore, study: str | None = None) -> StudyData:
     test: dict[tuple, dict[str, float]] = defaultdict(dict)
     cost: dict[tuple, list[float]] = defaultdict(list)
     for r in rows:
-        if r.kind == "score" or r.donor == MEAN_DONOR:  # label-free scores, multi-donor patches: report_rules
+        if r.kind in ("score", "gptq:patched") or r.donor == MEAN_DONOR:  # report_rules / report_pipelines
             continue
         if r.kind != "patched":
             if r.split == "test":
@@ -183,7 +187,7 @@ def load_study(store: ResultStore, study: str | None = None) -> StudyData:
     qat_cost = {(t.task, t.bits): t.seconds for t in store.trainings(study) if t.bits is not None}
     return StudyData(study, rows[0].model, receivers, donors, bits_list, baselines, pairs,
                      {k: _mean(v) for k, v in cost.items()}, qat_cost, config, len(seeds),
-                     rule_outcomes(rows, config, baselines))
+                     rule_outcomes(rows, config, baselines), gptq_patched(rows), gptq_cost(rows))
 
 
 # -------------------------------------------------------------------------------------------------- tables
@@ -559,6 +563,11 @@ def write_report(db: str | os.PathLike, out_dir: str | os.PathLike, study: str |
             dt = donor_table(data.outcomes, rules, b, domain)
             if dt is not None:
                 emit(dt)
+        free = [r for r in rules if r.zero_shot and r.metric is not None]
+        pt = pipelines_table(data.baselines, data.outcomes, data.gptq, data.receivers, b, free[0] if free else None,
+                             data.gptq_cost)
+        if pt is not None:
+            emit(pt)
     md += ["## Cost", ""]
     emit(cost_table(data))
     path = out / "report.md"

@@ -30,7 +30,9 @@ SCHEMA_VERSION = 1
 
 #: Result kinds. ``patched`` is PTQ(theta_FT^R + lam * tau_D); ``score`` a label-free score of it (split: the
 #: signal, metric: the measure; see :mod:`qvec.rules`); the others are the per-receiver baselines.
-KINDS = ("ft", "ft_ptq", "qat_ptq", "pretrained", "pretrained_ptq", "patched", "score")
+#: ``gptq:<kind>`` rows are the same measurement with GPTQ in place of RTN.
+KINDS = ("ft", "ft_ptq", "qat_ptq", "pretrained", "pretrained_ptq", "patched", "score", "gptq:ft_ptq",
+         "gptq:qat_ptq", "gptq:patched")
 
 
 @dataclass
