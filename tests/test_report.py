@@ -68,8 +68,8 @@ def test_pairs_and_lambda_star(db):
     assert len(pairs) == 9 and len(data.pairs_at(3)) == 6
     assert pairs[("beta", "alpha")].lam_star == 0.5 and pairs[("beta", "alpha")].delta_star == pytest.approx(25.0)
     assert pairs[("alpha", "beta")].lam_star == 1.0  # tie with 1.5 goes to 1
-    assert pairs[("alpha", "alpha")].delta_l1 == pytest.approx(30.0) and pairs[("alpha", "alpha")].gap == 30.0
-    assert pairs[("gamma", "beta")].recovery(pairs[("gamma", "beta")].delta_l1) == pytest.approx(5 / 30)
+    assert pairs[("alpha", "alpha")].delta_one == pytest.approx(30.0) and pairs[("alpha", "alpha")].gap == 30.0
+    assert pairs[("gamma", "beta")].recovery(pairs[("gamma", "beta")].delta_one) == pytest.approx(5 / 30)
     assert data.patch_cost[("alpha", 3)] == pytest.approx(0.004) and data.qat_cost[("alpha", 3)] == 40.0
 
 

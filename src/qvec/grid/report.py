@@ -52,7 +52,8 @@ class Pair:
     bits: int
     donor: str
     receiver: str
-    acc_l1: float
+    #: test accuracy at lambda = 1 (the zero-shot setting); ``delta_one`` is its Delta over FT+PTQ
+    acc_one: float
     acc_star: float
     lam_star: float
     baseline: float
@@ -63,8 +64,8 @@ class Pair:
         return self.donor == self.receiver
 
     @property
-    def delta_l1(self) -> float:
-        return self.acc_l1 - self.baseline
+    def delta_one(self) -> float:
+        return self.acc_one - self.baseline
 
     @property
     def delta_star(self) -> float:
@@ -211,8 +212,9 @@ def wise_table(data: StudyData, bits: int, by: str) -> Table:
         mine = [p for p in pairs if getattr(p, by) == name]
         if not mine:
             continue
-        rows.append([name, len(mine), *_stats([p.delta_l1 for p in mine]), *_stats([p.delta_star for p in mine])])
-    rows.append(["all pairs", len(pairs), *_stats([p.delta_l1 for p in pairs]), *_stats([p.delta_star for p in pairs])])
+        rows.append([name, len(mine), *_stats([p.delta_one for p in mine]), *_stats([p.delta_star for p in mine])])
+    rows.append(["all pairs", len(pairs), *_stats([p.delta_one for p in pairs]),
+                 *_stats([p.delta_star for p in pairs])])
     cols = [by.capitalize(), "pairs"] + [f"{c} (λ=1)" for c in _STAT_COLS] + [f"{c} (λ*)" for c in _STAT_COLS]
     return Table(f"{by}_wise_w{bits}", f"{by.capitalize()}-wise transfer Δ at {bits}-bit (points over FT+PTQ)",
                  cols, rows, f"Δ = PTQ(θ_FT^R + λ·τ_D) − PTQ(θ_FT^R) on the receiver's test split; self-pairs "
@@ -248,7 +250,7 @@ def recovery_table(data: StudyData, bits: int) -> Table:
         if not mine:
             continue
         gap = mine[0].gap
-        rows.append([r, gap, _mean(p.delta_l1 for p in mine), _mean(p.recovery(p.delta_l1) for p in mine),
+        rows.append([r, gap, _mean(p.delta_one for p in mine), _mean(p.recovery(p.delta_one) for p in mine),
                      _mean(p.delta_star for p in mine), _mean(p.recovery(p.delta_star) for p in mine)])
     return Table(f"recovery_w{bits}", f"Recovery ratio at {bits}-bit: Δ / (QAT+PTQ − FT+PTQ), mean over donors",
                  ["Receiver", "Gap (pts)", "Mean Δ λ=1", "Recovery λ=1", "Mean Δ λ*", "Recovery λ*"], rows,
@@ -277,7 +279,7 @@ def summary_table(data: StudyData) -> Table:
         pairs = data.pairs_at(b)
         gains = [data.base("qat_ptq", r, b) - data.base("ft_ptq", r, b) for r in data.receivers]
         loss = [data.base("ft", r) - data.base("ft_ptq", r, b) for r in data.receivers]
-        d1 = [p.delta_l1 for p in pairs if not math.isnan(p.delta_l1)]
+        d1 = [p.delta_one for p in pairs if not math.isnan(p.delta_one)]
         ds = [p.delta_star for p in pairs if not math.isnan(p.delta_star)]
         lams = [p.lam_star for p in pairs if not math.isnan(p.lam_star)]
         rows.append([
@@ -285,7 +287,7 @@ def summary_table(data: StudyData) -> Table:
             _mean(d1), statistics.median(d1) if d1 else NAN, 100.0 * sum(x > 0 for x in d1) / len(d1) if d1 else NAN,
             _mean(ds), 100.0 * sum(x > 0 for x in ds) / len(ds) if ds else NAN,
             f"{statistics.median(lams):g}" if lams else "–",
-            pooled_recovery(pairs, "delta_l1"), pooled_recovery(pairs, "delta_star"),
+            pooled_recovery(pairs, "delta_one"), pooled_recovery(pairs, "delta_star"),
         ])
     return Table("summary", "Headline numbers per bit-width (transfer pairs, self-pairs excluded)",
                  ["bits", "pairs", "PTQ loss", "QAT gain", "Mean Δ λ=1", "Median Δ λ=1", "Win % λ=1",
@@ -328,13 +330,13 @@ def heatmap_figure(data: StudyData, bits: int, out_dir: Path) -> list[Path]:
     donors, recvs = data.donors, data.receivers
     idx = {(p.donor, p.receiver): p for p in data.pairs if p.bits == bits}
     mats = []
-    for attr in ("delta_l1", "delta_star"):
+    for attr in ("delta_one", "delta_star"):
         m = np.full((len(donors), len(recvs)), np.nan)
         for i, d in enumerate(donors):
             for j, r in enumerate(recvs):
                 if (d, r) in idx:
                     m[i, j] = getattr(idx[(d, r)], attr)
-                elif d == r and attr == "delta_l1":  # self-pairs not run: own vector at lambda = 1 is QAT+PTQ
+                elif d == r and attr == "delta_one":  # self-pairs not run: own vector at lambda = 1 is QAT+PTQ
                     m[i, j] = data.base("qat_ptq", r, bits) - data.base("ft_ptq", r, bits)
         mats.append(m)
     finite = np.concatenate([m[np.isfinite(m)] for m in mats]) if any(np.isfinite(m).any() for m in mats) else []
@@ -417,7 +419,7 @@ def radar_figure(data: StudyData, out_dir: Path) -> list[Path]:
         pairs = data.pairs_at(b)
         per_bits[b] = {
             "FT+PTQ": [data.base("ft_ptq", r, b) for r in recvs],
-            "patched λ=1": [_mean(p.acc_l1 for p in pairs if p.receiver == r) for r in recvs],
+            "patched λ=1": [_mean(p.acc_one for p in pairs if p.receiver == r) for r in recvs],
             "patched λ*": [_mean(p.acc_star for p in pairs if p.receiver == r) for r in recvs],
             "QAT+PTQ": [data.base("qat_ptq", r, b) for r in recvs],
         }
