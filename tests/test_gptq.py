@@ -11,7 +11,6 @@ from torch import nn
 
 from qvec import GPTQConfig, QuantSpec, quantize_
 from qvec.checkpoint import Checkpoint
-from qvec.cli import main
 from qvec.errors import QvecError
 from qvec.gptq import _Hessian, check_calibration, gptq_weight
 from qvec.models import load_model
@@ -19,18 +18,7 @@ from qvec.pack import load_packed, pack_checkpoint
 from qvec.ptq import quantize_checkpoint
 from qvec.quant import dequantize_codes, find_targets, quantize_codes
 
-
-def run(capsys, *args) -> tuple[int, str]:
-    code = main([str(a) for a in args])
-    cap = capsys.readouterr()
-    return code, (cap.out + cap.err).strip()
-
-
-def one_line_error(capsys, message: str, *args) -> str:
-    code, text = run(capsys, *args)
-    assert code == 2, text
-    assert len(text.splitlines()) == 1 and message in text and "Traceback" not in text, text
-    return text
+from .cli_helpers import one_line_error, run
 
 
 @pytest.mark.parametrize("spec", [QuantSpec(3), QuantSpec(2), QuantSpec(4, symmetric=False),

@@ -14,7 +14,6 @@ import torch
 
 from qvec import atomic
 from qvec.checkpoint import Checkpoint
-from qvec.cli import main
 from qvec.errors import QvecError
 from qvec.models import ModelSpec, build_model, get_adapter
 from qvec.pack import pack_checkpoint
@@ -22,20 +21,8 @@ from qvec.ptq import quantize_checkpoint
 from qvec.quant import QuantSpec, fake_quantize, quantize_
 from qvec.vector import QuantVector
 
+from .cli_helpers import one_line_error, run
 from .tinytask import write_task
-
-
-def run(capsys, *args) -> tuple[int, str]:
-    code = main([str(a) for a in args])
-    cap = capsys.readouterr()
-    return code, (cap.out + cap.err).strip()
-
-
-def one_line_error(capsys, message: str, *args) -> str:
-    code, text = run(capsys, *args)
-    assert code == 2, text
-    assert len(text.splitlines()) == 1 and message in text and "Traceback" not in text, text
-    return text
 
 
 def leftovers(folder: Path) -> list[Path]:

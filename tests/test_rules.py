@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from qvec.checkpoint import Checkpoint
-from qvec.cli import main
 from qvec.errors import QvecError
 from qvec.grid import load_config, run_grid
 from qvec.grid.executors import make_executor
@@ -24,22 +23,10 @@ from qvec.rules import LambdaRule, get_rule, register_rule, rule_names, select_l
 from qvec.selection import choose_donor, choose_lambda
 from qvec.vector import QuantVector
 
+from .cli_helpers import one_line_error, run
 from .grid_helpers import tiny_config_text, tiny_suite
 
 THREE = ["syn_glyphs", "syn_shapes", "syn_gratings"]
-
-
-def run(capsys, *args) -> tuple[int, str]:
-    code = main([str(a) for a in args])
-    cap = capsys.readouterr()
-    return code, (cap.out + cap.err).strip()
-
-
-def one_line_error(capsys, message: str, *args) -> str:
-    code, text = run(capsys, *args)
-    assert code == 2, text
-    assert len(text.splitlines()) == 1 and message in text and "Traceback" not in text, text
-    return text
 
 
 # ---------------------------------------------------------------------------------------------- registry
