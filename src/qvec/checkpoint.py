@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from . import __version__
 from .atomic import atomic_path
 from .errors import QvecError
+from .spec import ModelSpec
 
 META_FORMAT = "qvec.format"
 META_MODEL = "qvec.model"
@@ -156,8 +157,6 @@ class Checkpoint:
     @property
     def model_spec(self):
         """The :class:`qvec.models.ModelSpec` recorded in the header, or a QvecError if absent."""
-        from .models import ModelSpec
-
         raw = self.meta.get(META_MODEL)
         if raw is None:
             raise QvecError(

@@ -8,63 +8,14 @@ architectures, so a checkpoint's header (``family:name``) is enough to rebuild i
 
 from __future__ import annotations
 
-import json
 from abc import ABC, abstractmethod
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
 
 from ..errors import QvecError
 from ..quant import Target, find_targets
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """A model's identity: family, architecture name, class count and build options (JSON-serialisable)."""
-
-    family: str
-    name: str
-    num_classes: int = 0
-    options: dict = field(default_factory=dict)
-
-    @classmethod
-    def parse(cls, text: str, num_classes: int = 0, **options) -> ModelSpec:
-        """``family:name`` (``timm:vit_base_patch16_224``, ``qvec:vit-mini``); a bare name means timm."""
-        family, sep, name = text.partition(":")
-        if not sep:
-            family, name = ("qvec", text) if text in builtin_names() else ("timm", text)
-        if family not in _REGISTRY:
-            raise QvecError(f"unknown model family {family!r}; known: {', '.join(sorted(_REGISTRY))}")
-        return cls(family, name, num_classes, dict(options))
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> ModelSpec:
-        try:
-            d = json.loads(text)
-            return cls(d["family"], d["name"], int(d.get("num_classes", 0)), dict(d.get("options", {})))
-        except (ValueError, KeyError, TypeError) as e:
-            raise QvecError(f"malformed model spec in checkpoint metadata: {e}") from None
-
-    def with_classes(self, num_classes: int) -> ModelSpec:
-        return ModelSpec(self.family, self.name, num_classes, dict(self.options))
-
-    def __str__(self) -> str:
-        return f"{self.family}:{self.name}"
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    """What a model expects as input: size, channels and normalisation."""
-
-    image_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    interpolation: str = "bicubic"
+from ..spec import _BARE_NAMES, _FAMILIES, DataConfig, ModelSpec  # noqa: F401  (re-exported: the models' API)
 
 
 class ModelAdapter(ABC):
@@ -141,8 +92,9 @@ _REGISTRY: dict[str, ModelAdapter] = {}
 
 
 def register_adapter(adapter_cls: type[ModelAdapter]) -> type[ModelAdapter]:
-    """Class decorator: make a family available by its ``family`` name."""
+    """Class decorator: make a family available by its ``family`` name (to ``get_adapter`` and ModelSpec.parse)."""
     _REGISTRY[adapter_cls.family] = adapter_cls()
+    _FAMILIES[adapter_cls.family] = None
     return adapter_cls
 
 
@@ -157,7 +109,7 @@ def families() -> list[str]:
     return sorted(_REGISTRY)
 
 
-_BUILTIN_NAMES: list[Callable[[], list[str]]] = []
+_BUILTIN_NAMES = _BARE_NAMES
 
 
 def builtin_names() -> list[str]:
