@@ -372,7 +372,7 @@ def finetune(
     spec = spec.with_classes(task.num_classes)
     adapter = get_adapter(spec)
     if pretrained is None:
-        pretrained = init is None and spec.family != "qvec"
+        pretrained = init is None and adapter.has_hub_weights
     torch.manual_seed(recipe.seed)
     model = build_model(spec, pretrained=pretrained and not weights, weights=str(weights) if weights else None)
     fingerprint, init_meta = None, {}

@@ -14,7 +14,7 @@ from rich.table import Table
 from ..checkpoint import Checkpoint
 from ..errors import QvecError
 from ..evaluate import evaluate_checkpoint
-from ..models import ModelSpec, builtin_names, with_model
+from ..models import ModelSpec, parse_model_name, with_model
 from ..quant import QuantSpec
 from ..recipe import DEFAULT_PROFILE, PRETRAINED_PROFILES, SMALL_PROFILES, Recipe
 from ..tasks import get_task, resolve_data_dir, task_summaries
@@ -75,22 +75,13 @@ def _recipe(base: Recipe, recipe_file: Path | None, profile: str | None = None, 
 
 def _model_spec(name: str, pretrained: str | None = None, img_size: int | None = None) -> ModelSpec:
     """Parse --model (and --pretrained, a family's weights tag such as OpenCLIP's ``openai``, and --img-size, the
-    input size a ViT is built for); a name that is neither built in nor a timm model lists the built-in ones."""
+    input size a ViT is built for)."""
     options: dict = {"pretrained": pretrained} if pretrained else {}
     if img_size is not None:
         if img_size < 1:
             raise QvecError(f"--img-size must be a positive number of pixels, got {img_size}")
         options["img_size"] = img_size
-    spec = ModelSpec.parse(name, **options)
-    if spec.family == "qvec" and spec.name not in builtin_names():
-        raise QvecError(f"unknown built-in model {spec.name!r}; known: {', '.join(builtin_names())}")
-    if spec.family == "timm" and ":" not in name:
-        import timm
-
-        if not timm.is_model(spec.name):
-            raise QvecError(f"unknown model {name!r}; built-in: {', '.join(builtin_names())}; or any timm model "
-                            "name (timm:NAME, see `qvec models timm`)")
-    return spec
+    return parse_model_name(name, **options)
 
 
 @app.command("tasks")

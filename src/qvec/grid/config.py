@@ -299,6 +299,11 @@ class GridConfig:
             self._validate_tasks()
         return self
 
+    def _adapter(self):
+        from ..models import get_adapter
+
+        return get_adapter(self.model_spec())
+
     def _validate_rules(self) -> None:
         src, rc = self.source, self.rules
         try:
@@ -341,7 +346,7 @@ class GridConfig:
         if not self.backbone:
             if self.pretrain is not None:
                 self.backbone = "pretrain"
-            elif self.model_spec().family == "qvec":
+            elif not self._adapter().has_hub_weights:
                 raise QvecError(
                     f"{src}: the built-in model {self.model!r} has no pretrained weights; add a [pretrain] section "
                     "or set backbone to a weights file"
@@ -353,7 +358,7 @@ class GridConfig:
                 raise QvecError(f"{src}: backbone = 'pretrain' needs a [pretrain] section with data = FILE")
             self.pretrain_file()
         elif self.backbone == "hub":
-            if self.model_spec().family == "qvec":
+            if not self._adapter().has_hub_weights:
                 raise QvecError(f"{src}: the built-in model {self.model!r} has no hub weights; use [pretrain]")
         elif not self.resolve_path(self.backbone).is_file():
             raise QvecError(f"{src}: backbone {self.backbone!r} is not 'pretrain', 'hub' or an existing file")

@@ -39,6 +39,21 @@ def load_model(ckpt: Checkpoint, spec: ModelSpec | None = None) -> tuple[nn.Modu
     return model, adapter, spec
 
 
+def parse_model_name(name: str, **options) -> ModelSpec:
+    """A model name from the command line, checked: a built-in name must exist, and a bare name that is not
+    built in must be a timm model; the error lists the built-in names."""
+    spec = ModelSpec.parse(name, **options)
+    if spec.family == "qvec" and spec.name not in builtin_names():
+        raise QvecError(f"unknown built-in model {spec.name!r}; known: {', '.join(builtin_names())}")
+    if spec.family == "timm" and ":" not in name:
+        import timm
+
+        if not timm.is_model(spec.name):
+            raise QvecError(f"unknown model {name!r}; built-in: {', '.join(builtin_names())}; or any timm model "
+                            "name (timm:NAME, see `qvec models timm`)")
+    return spec
+
+
 def with_model(ckpt: Checkpoint, model: str) -> Checkpoint:
     """Give a headerless checkpoint (a plain state dict) its architecture; the class count is read off its head."""
     spec = ModelSpec.parse(model)

@@ -23,6 +23,8 @@ class ModelAdapter(ABC):
 
     family: str = ""
     head_prefixes: tuple[str, ...] = ("head",)
+    #: the family has pretrained weights to fetch by name (a hub); False for architectures trained here only
+    has_hub_weights: bool = True
 
     @abstractmethod
     def build(self, spec: ModelSpec, pretrained: bool = False, weights: str | None = None) -> nn.Module:

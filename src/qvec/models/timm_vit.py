@@ -40,6 +40,7 @@ class SmallViTAdapter(ModelAdapter):
     """qvec's own 32x32 ViTs (timm ``VisionTransformer`` configs); weights only from local files."""
 
     family = "qvec"
+    has_hub_weights = False
     head_prefixes = ("head",)
 
     def build(self, spec: ModelSpec, pretrained: bool = False, weights: str | None = None) -> nn.Module:
