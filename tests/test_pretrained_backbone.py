@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -155,6 +156,7 @@ def test_dinov2_configs_load_and_plan(name, tmp_path, monkeypatch):
     data = tmp_path / "data"
     for t in ("mnist", "fashion_mnist", "cifar10", "gtsrb", "fer2013", "dtd10", "sign_digits"):
         write_task(data, t, n_train=20, n_test=8)
+    np.savez(data / "pretrain_cifar10.npz", x=np.zeros((4, 32, 32, 3), np.uint8))  # the rules' generic probe
     cfg = load_config(CONFIGS / name, {"data_dir": str(data), "backbone": str(weights)})
     assert cfg.model_spec().name == "vit_small_patch14_dinov2" and cfg.profile == "small-task"
     assert len(cfg.tasks) >= 5 and {2, 3} <= set(cfg.bits)
