@@ -174,7 +174,7 @@ def rules_tables(outs: Sequence[RuleOutcome], rules: Sequence[LambdaRule], bits:
                 continue
             st = rule_stats(mine)
             rows.append([r.name, r.uses, st["n"], st["mean"], st["median"], st["win"], st["worst"],
-                         st["recovery"], f"{st['lam']:g}", st["refused"], _mean(o.seconds for o in mine)])
+                         st["recovery"], f"{st['lam']:g}", st["refused"], statistics.median(o.seconds for o in mine)])
         name = f"rules_w{bits}" if i == 0 else f"rules_w{bits}_probe_domain"
         tables.append(Table(
             name, f"Lambda rules at {bits}-bit{title}: Δ on test (points over FT+PTQ)",
@@ -183,7 +183,8 @@ def rules_tables(outs: Sequence[RuleOutcome], rules: Sequence[LambdaRule], bits:
             "Each rule's λ is chosen per pair, then measured on the receiver's test split (λ = 0 is FT+PTQ itself: "
             "Δ = 0, safe, not a win). Win % counts Δ > 0. Recovery = ΣΔ / Σ(QAT+PTQ − FT+PTQ) over receivers with "
             f"a gap of at least {MIN_GAP_POINTS:g} points. Choose = receiver-side seconds to score every candidate "
-            "of one pair (patch, PTQ and the rule's passes; none for fixed rules).",
+            "of one pair (patch, PTQ and the rule's passes; none for fixed rules), the median over pairs, as "
+            "measured in the grid workers (a busy machine inflates it).",
             formats=[None, None, None, ".1f", ".1f", ".0f", ".1f", ".2f", None, ".0f", ".1f"]))
     return tables
 
