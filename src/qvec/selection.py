@@ -104,7 +104,7 @@ class LambdaChoice:
         return [(d, lam, s) for d, by in self.scores.items() for lam, s in sorted(by.items())]
 
     def to_meta(self) -> dict[str, str]:
-        """The header metadata a patched checkpoint records (see :data:`qvec.checkpoint` META_RULE...)."""
+        """The header metadata a patched checkpoint records (``qvec.lambda_rule``, ``qvec.lambda``, ...)."""
         import json
 
         return {"qvec.lambda_rule": self.rule, "qvec.lambda": f"{self.lam:g}", "qvec.lambda_donor": self.donor,

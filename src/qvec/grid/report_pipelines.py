@@ -8,7 +8,6 @@ and the ceiling QAT + RTN (with GPTQ of QAT beside it). GPTQ rows exist when the
 from __future__ import annotations
 
 import math
-import statistics
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 
@@ -80,6 +79,6 @@ def pipelines_table(baselines: Mapping[tuple, float], outcomes: Sequence[RuleOut
          f"GPTQ {label}", "QAT+RTN", "GPTQ(QAT)", "FT (float)"], rows,
         f"Patched columns: PTQ(θ_FT^R + λ·τ_D), mean over the single donors; λ* uses the receiver's labelled "
         f"validation split; `{label}` is a label-free rule (λ chosen on RTN's scores, the same λ for GPTQ; "
-        f"λ = 0 means no patch). GPTQ is calibrated on {n} unlabeled images, {statistics.fmean([secs]):.1f} s per "
+        f"λ = 0 means no patch). GPTQ is calibrated on {n} unlabeled images, {secs:.1f} s per "
         "model in the grid workers; RTN needs no data (milliseconds). QAT+RTN is the ceiling: the receiver's own "
         "QAT run.")
