@@ -17,21 +17,34 @@ int4 tinygemm layout (4 bits, asymmetric groups, bf16, CUDA kernels), not to a 2
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from .errors import QvecError
-from .quant import QuantSpec, Target, _grouped_view, _raw_param, compute_qparams, register_quantize_handler
+from .quant import (
+    QuantizerConfig,
+    QuantSpec,
+    Target,
+    _grouped_view,
+    _raw_param,
+    compute_qparams,
+    register_quantize_handler,
+)
 
 #: Fewer images than this give a Hessian that damping, not data, dominates; refused rather than silently used.
 MIN_CALIBRATION_IMAGES = 8
 
 
 @dataclass(frozen=True)
-class GPTQConfig:
+class GPTQConfig(QuantizerConfig):
     """GPTQ on the integer grid of ``QuantSpec(bits, symmetric, granularity, group_size)``."""
+
+    method: ClassVar[str] = "gptq"
+    label: ClassVar[str] = "GPTQ"
+    needs_calibration: ClassVar[bool] = True
 
     bits: int = 3
     symmetric: bool = True
@@ -52,13 +65,6 @@ class GPTQConfig:
     def grid(self) -> QuantSpec:
         """The integer grid (RTN's): what ``pack`` stores and what reports name the bit-width by."""
         return QuantSpec(self.bits, self.symmetric, self.granularity, self.group_size)  # type: ignore[arg-type]
-
-    @property
-    def method(self) -> str:
-        return "gptq"
-
-    def to_dict(self) -> dict:
-        return {"method": "gptq", **asdict(self)}
 
     def __str__(self) -> str:
         return f"gptq-{self.grid}"

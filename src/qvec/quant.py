@@ -9,8 +9,8 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
-from typing import Literal
+from dataclasses import asdict, dataclass, fields
+from typing import ClassVar, Literal
 
 import torch
 from torch import nn
@@ -19,15 +19,54 @@ from .errors import QvecError
 
 Granularity = Literal["channel", "tensor", "group"]
 GRANULARITIES: tuple[str, ...] = ("channel", "tensor", "group")
+_GRID_FIELDS = ("bits", "symmetric", "granularity", "group_size")
 _EPS = 1e-8
 # Elements processed per block: keeps the in-place passes of one block in cache (measured best on 2 cores:
 # 1 MiB blocks run at about 10 GB/s, whole-tensor passes at under 4 GB/s).
 _ROW_BLOCK_ELEMS = 1 << 18
 
 
+class QuantizerConfig:
+    """Base of quantizer configs (torchao's ``quantize_(model, config)``): a frozen dataclass of its knobs that
+    names the integer grid its codes live on. A handler registered for the type does the work
+    (:func:`register_quantize_handler`), so a new quantizer is one config class and one handler.
+    """
+
+    #: the name ``--method``, grid configs and result kinds use
+    method: ClassVar[str]
+    #: how reports name the pipeline: ``GPTQ(FT)``
+    label: ClassVar[str]
+    #: whether the handler needs unlabeled calibration images
+    needs_calibration: ClassVar[bool] = False
+
+    @property
+    def grid(self) -> QuantSpec:
+        """The integer grid (bits, symmetric, granularity): what ``pack`` stores and reports name the width by."""
+        raise NotImplementedError
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, **asdict(self)}  # type: ignore[call-overload]
+
+    @classmethod
+    def knobs(cls) -> list[str]:
+        """The config's own fields beyond the grid's (a grid config's table accepts exactly these)."""
+        return [f.name for f in fields(cls) if f.name not in _GRID_FIELDS]  # type: ignore[arg-type]
+
+    @classmethod
+    def from_grid(cls, grid: QuantSpec, **knobs):
+        """This quantizer on ``grid``, with ``knobs`` (fields of :meth:`knobs`) overriding the defaults."""
+        bad = [k for k in knobs if k not in cls.knobs()]
+        if bad:
+            raise QvecError(f"{cls.method}: unknown option {bad[0]!r}; known: {', '.join(cls.knobs()) or 'none'}")
+        return cls(**{**{k: getattr(grid, k) for k in _GRID_FIELDS}, **knobs})
+
+
 @dataclass(frozen=True)
-class QuantSpec:
-    """How weights are quantized: bit-width, symmetric or not, and the granularity of the scales."""
+class QuantSpec(QuantizerConfig):
+    """RTN's config, and the integer grid of every quantizer: bit-width, symmetric or not, the scales' granularity."""
+
+    method: ClassVar[str] = "rtn"
+    label: ClassVar[str] = "RTN"
 
     bits: int = 3
     symmetric: bool = True
@@ -50,8 +89,12 @@ class QuantSpec:
     def qmax(self) -> int:
         return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
 
+    @property
+    def grid(self) -> QuantSpec:
+        return self
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        return asdict(self)  # no "method": RTN's records predate the registry, and content keys hash them
 
     @classmethod
     def from_dict(cls, d: dict) -> QuantSpec:
@@ -261,54 +304,87 @@ def _raw_param(module: nn.Module, attr: str) -> torch.Tensor:
     return getattr(module, attr)
 
 
-#: Quantizer config type -> handler(model, config, targets, calibration) for quantizers other than RTN.
+#: Quantizer config type -> handler(model, config, targets, calibration) -> qparams (see ``register_quantizer``).
 _HANDLERS: dict[type, Callable] = {}
+#: ``method`` name -> quantizer config type, for the CLI's ``--method`` and the grid's ``quantizers`` list.
+_QUANTIZERS: dict[str, type] = {}
 
 
 def register_quantize_handler(config_type: type) -> Callable[[Callable], Callable]:
-    """Register the in-place quantizer for a config type (torchao style): ``quantize_`` dispatches on the config."""
+    """Register a quantizer (torchao style): ``config_type`` (a :class:`QuantizerConfig`) names it by its
+    ``method``, and the decorated ``handler(model, config, targets, calibration)`` quantizes the targets in place.
+
+    The handler returns each target's (scale, zero) on ``config.grid`` when its output is not what RTN would
+    compute from the final weights (a calibrated quantizer), or None; ``pack`` stores those codes exactly.
+    """
 
     def deco(fn: Callable) -> Callable:
         _HANDLERS[config_type] = fn
+        _QUANTIZERS[config_type.method] = config_type
         return fn
 
     return deco
 
 
-def quantizer_grid(config) -> QuantSpec:
+def unregister_quantizer(method: str) -> None:
+    """Forget a registered quantizer (tests and plugins that register one for a while)."""
+    cls = _QUANTIZERS.pop(method, None)
+    _HANDLERS.pop(cls, None)
+
+
+def quantizer_names() -> list[str]:
+    """Registered quantizer methods, RTN first."""
+    return list(_QUANTIZERS)
+
+
+def get_quantizer(method: str, what: str = "quantizer") -> type:
+    """The config type registered as ``method``; otherwise one line, ``{what} must be rtn or gptq, got ...``."""
+    cls = _QUANTIZERS.get(method)
+    if cls is None:
+        names = quantizer_names()
+        known = " or ".join(names) if len(names) < 3 else ", ".join(names[:-1]) + " or " + names[-1]
+        raise QvecError(f"{what} must be {known}, got {method!r}")
+    return cls
+
+
+def quantizer_grid(config: QuantizerConfig) -> QuantSpec:
     """The integer grid of a quantizer config: RTN's QuantSpec itself, or a calibrated config's ``grid``."""
-    return config if isinstance(config, QuantSpec) else config.grid
+    return config.grid
 
 
 @torch.no_grad()
-def quantize_(model: nn.Module, spec, targets: Sequence[Target] | None = None,
+def quantize_(model: nn.Module, spec: QuantizerConfig, targets: Sequence[Target] | None = None,
               calibration: torch.Tensor | None = None) -> list[str]:
     """Post-training quantization in place: every target weight becomes its quantized reconstruction.
 
-    ``spec`` is a quantizer config: a :class:`QuantSpec` (RTN, no data) or a registered config such as
+    ``spec`` is a quantizer config: a :class:`QuantSpec` (RTN, no data) or another registered config such as
     :class:`qvec.gptq.GPTQConfig`, whose handler takes ``calibration`` (preprocessed unlabeled images).
     ``targets`` defaults to :func:`find_targets` with a head named ``head``; model adapters pass their own.
     Returns the keys that were quantized.
     """
     if targets is None:
         targets = find_targets(model)
-    if not isinstance(spec, QuantSpec):
-        calibrated_quantize_(model, spec, targets, calibration)
-        return [t.key for t in targets]
-    weights = _check_targets_finite(targets)
-    for _, w in weights:
-        fake_quantize_(w, spec, check_finite=False)
+    apply_quantizer_(model, spec, targets, calibration)
     return [t.key for t in targets]
 
 
-def calibrated_quantize_(model: nn.Module, config, targets: Sequence[Target],
-                         calibration: torch.Tensor | None) -> dict[str, tuple]:
-    """Run a registered (non-RTN) quantizer in place; returns each target's (scale, zero) on the integer grid."""
+def apply_quantizer_(model: nn.Module, config: QuantizerConfig, targets: Sequence[Target],
+                     calibration: torch.Tensor | None = None) -> dict[str, tuple] | None:
+    """Dispatch to the handler registered for ``type(config)`` after checking every target is finite; returns
+    the handler's (scale, zero) per target (None: RTN's own, recomputed from the weights by ``pack``)."""
     handler = _HANDLERS.get(type(config))
     if handler is None:
         raise QvecError(f"no quantizer registered for {type(config).__name__}")
-    _check_targets_finite(targets)
+    if not config.needs_calibration and calibration is not None:
+        raise QvecError(f"{config.label} needs no calibration images; got some")
     return handler(model, config, list(targets), calibration)
+
+
+@register_quantize_handler(QuantSpec)
+def _rtn_quantize_(model: nn.Module, spec: QuantSpec, targets: Sequence[Target], calibration: None) -> None:
+    """RTN: each target weight rounded to its grid from its own scales; no data."""
+    for _, w in _check_targets_finite(targets):
+        fake_quantize_(w, spec, check_finite=False)
 
 
 def _check_targets_finite(targets: Sequence[Target]) -> list[tuple[str, torch.Tensor]]:

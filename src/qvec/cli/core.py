@@ -15,7 +15,7 @@ from ..inspect_file import describe
 from ..models import families, get_adapter, with_model
 from ..pack import load_packed, pack_checkpoint
 from ..ptq import quantize_checkpoint
-from ..quant import QuantSpec
+from ..quant import QuantizerConfig, QuantSpec, get_quantizer, quantizer_names
 from ..vector import QuantVector
 from . import app
 
@@ -48,8 +48,8 @@ def load_checkpoint(path: Path, model: str | None = None) -> Checkpoint:
     return with_model(ckpt, model) if model else ckpt
 
 
-Method = Annotated[str, typer.Option("--method", help="rtn (round-to-nearest, no data; default) or gptq "
-                                     "(calibrated on --calib unlabeled images; same integer grid).")]
+Method = Annotated[str, typer.Option("--method", help="A registered quantizer: rtn (round-to-nearest, no data; "
+                                     "default) or gptq (calibrated on --calib unlabeled images; same integer grid).")]
 Calib = Annotated[str | None, typer.Option("--calib", help="GPTQ calibration images: a folder, an .npz, or noise "
                                            "(unlabeled; the receiver's own inputs or a generic set).")]
 CalibSize = Annotated[int, typer.Option("--calib-size", help="GPTQ calibration images used.")]
@@ -60,20 +60,15 @@ def quant_spec(bits: int, granularity: str, group_size: int, asymmetric: bool) -
 
 
 def quantizer_config(method: str, bits: int, granularity: str, group_size: int, asymmetric: bool,
-                     calib: str | None):
-    """The quantizer config the CLI flags name: RTN's QuantSpec, or GPTQ on the same grid."""
-    from ..gptq import GPTQConfig
-
-    spec = quant_spec(bits, granularity, group_size, asymmetric)
-    if method == "rtn":
-        if calib is not None:
-            raise QvecError("--calib is for --method gptq (RTN needs no data)")
-        return spec
-    if method == "gptq":
-        if calib is None:
-            raise QvecError("--method gptq needs --calib PATH|noise (unlabeled calibration images)")
-        return GPTQConfig(bits, spec.symmetric, granularity, group_size)
-    raise QvecError(f"--method must be rtn or gptq, got {method!r}")
+                     calib: str | None) -> QuantizerConfig:
+    """The registered quantizer ``--method`` names, on the grid the flags name (its own knobs at defaults)."""
+    cls = get_quantizer(method, "--method")
+    if cls.needs_calibration and calib is None:
+        raise QvecError(f"--method {method} needs --calib PATH|noise (unlabeled calibration images)")
+    if not cls.needs_calibration and calib is not None:
+        calibrated = " or ".join(f"--method {n}" for n in quantizer_names() if get_quantizer(n).needs_calibration)
+        raise QvecError(f"--calib is for {calibrated} ({method} needs no data)")
+    return cls.from_grid(quant_spec(bits, granularity, group_size, asymmetric))
 
 
 def _mb(n: int) -> str:
