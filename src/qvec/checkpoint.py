@@ -2,7 +2,8 @@
 
 The metadata header makes a checkpoint self-describing: which model family and architecture it holds
 (``qvec.model``), what it was trained for (``qvec.task``, ``qvec.kind``) and which pretrained backbone it came
-from (``qvec.backbone_fingerprint``), so that every command can rebuild the model without extra flags.
+from (``qvec.backbone_fingerprint``), so that every command can rebuild the model without extra flags. The keys,
+the formats and the header schema version are :mod:`qvec.schema`'s.
 """
 
 from __future__ import annotations
@@ -21,22 +22,26 @@ from safetensors.torch import load_file
 from . import __version__
 from .atomic import atomic_path
 from .errors import QvecError
+from .schema import (  # noqa: F401  (the header keys live in qvec.schema; imported from here by other modules)
+    FORMAT_CHECKPOINT,
+    META_CLASSES,
+    META_FINGERPRINT,
+    META_FORMAT,
+    META_KIND,
+    META_MODEL,
+    META_QUANT,
+    META_TASK,
+    check_header,
+    stamp_header,
+)
 from .spec import ModelSpec
-
-META_FORMAT = "qvec.format"
-META_MODEL = "qvec.model"
-META_TASK = "qvec.task"
-META_KIND = "qvec.kind"
-META_QUANT = "qvec.quant"
-META_FINGERPRINT = "qvec.backbone_fingerprint"
-META_VERSION = "qvec.version"
-META_CLASSES = "qvec.classes"
 
 
 def save_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping) -> None:
-    """Write tensors and string metadata atomically (tensors are made contiguous and unshared)."""
+    """Write tensors and string metadata atomically (tensors are made contiguous and unshared). The header gets
+    ``qvec.schema`` and ``qvec.version`` (:func:`qvec.schema.stamp_header`)."""
     meta = {str(k): (v if isinstance(v, str) else json.dumps(v)) for k, v in metadata.items()}
-    meta.setdefault(META_VERSION, __version__)
+    meta = stamp_header(meta, __version__, path)  # qvec.schema, qvec.version and the format's required keys
     clean = {k: v.detach().contiguous().clone() if _shares_storage(v) else v.detach().contiguous()
              for k, v in tensors.items()}
     # safetensors' save_file renames a temporary file of its own (mode 0600, left behind when killed), so the file
@@ -138,14 +143,15 @@ class Checkpoint:
         if path.suffix in (".pt", ".pth", ".bin"):
             return cls(read_torch_state_dict(path), {}, path)
         state, meta = read_safetensors(path)
-        fmt = meta.get(META_FORMAT, "checkpoint")
-        if fmt != "checkpoint":
+        meta = check_header(meta, path)
+        fmt = meta.get(META_FORMAT, FORMAT_CHECKPOINT)  # a plain safetensors file (no qvec header) is a checkpoint
+        if fmt != FORMAT_CHECKPOINT:
             raise QvecError(f"{path}: holds a qvec {fmt}, not a model checkpoint")
         return cls(state, meta, path)
 
     def save(self, path: str | os.PathLike) -> Path:
         meta = dict(self.meta)
-        meta[META_FORMAT] = "checkpoint"
+        meta[META_FORMAT] = FORMAT_CHECKPOINT
         save_safetensors(path, self.state, meta)
         self.path = Path(path)
         return self.path

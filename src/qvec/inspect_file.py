@@ -9,8 +9,10 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import META_FORMAT, read_safetensors
+from .checkpoint import read_safetensors
+from .errors import QvecError
 from .models.loading import read_any_state_dict
+from .schema import META_FORMAT, header_schema
 
 
 @dataclass
@@ -23,13 +25,16 @@ class TensorInfo:
 
 @dataclass
 class FileSummary:
-    """Kind, header metadata and per-tensor shapes, dtypes and L2 norms of a qvec file."""
+    """Kind, header metadata and per-tensor shapes, dtypes and L2 norms of a qvec file. ``schema`` is the header
+    schema (:mod:`qvec.schema`; 0 for a qvec file written before ``qvec.schema`` existed), None for a file without
+    a qvec header or with an unreadable ``qvec.schema``."""
 
     path: Path
     kind: str
     meta: dict[str, str] = field(default_factory=dict)
     tensors: list[TensorInfo] = field(default_factory=list)
     size_bytes: int = 0
+    schema: int | None = None
 
     @property
     def num_params(self) -> int:
@@ -40,6 +45,7 @@ class FileSummary:
             {
                 "path": str(self.path),
                 "kind": self.kind,
+                "schema": self.schema,
                 "size_bytes": self.size_bytes,
                 "num_params": self.num_params,
                 "meta": self.meta,
@@ -52,11 +58,17 @@ class FileSummary:
 def describe(path: str | os.PathLike) -> FileSummary:
     """Summarise a safetensors checkpoint/vector/packed file or a PyTorch state dict."""
     path = Path(path)
+    schema = None
     if path.suffix in (".pt", ".pth", ".bin"):
         tensors, meta, kind = read_any_state_dict(path), {}, "pytorch state dict"
     else:
-        tensors, meta = read_safetensors(path)
+        tensors, meta = read_safetensors(path)  # shown as written: a viewer neither upgrades nor refuses
         kind = meta.get(META_FORMAT, "safetensors (no qvec header)")
+        if META_FORMAT in meta:
+            try:
+                schema = header_schema(meta, path)
+            except QvecError:
+                schema = None
     infos = [
         TensorInfo(
             k,
@@ -66,4 +78,4 @@ def describe(path: str | os.PathLike) -> FileSummary:
         )
         for k, t in tensors.items()
     ]
-    return FileSummary(path, kind, meta, infos, path.stat().st_size)
+    return FileSummary(path, kind, meta, infos, path.stat().st_size, schema)

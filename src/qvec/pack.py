@@ -19,13 +19,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import META_FORMAT, META_MODEL, META_QUANT, Checkpoint, read_safetensors, save_safetensors
+from .checkpoint import Checkpoint, read_safetensors, save_safetensors
 from .errors import QvecError
 from .ptq import quantize_checkpoint_state, target_keys
 from .quant import NonFiniteWeightError, QuantSpec, _grouped_view, dequantize_codes, quantize_codes
+from .schema import FORMAT_PACKED, META_FORMAT, META_MODEL, META_PACKED, META_QUANT, check_header
 
 CODES, SCALE, ZERO = ".__qcodes", ".__qscale", ".__qzero"
-META_PACKED = "qvec.packed"
 SCALE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
@@ -152,11 +152,11 @@ def pack_checkpoint(
         raise QvecError(f"scale dtype must be one of {', '.join(SCALE_DTYPES)}, got {scale_dtype!r}")
     record = {**quant.to_dict(), "include_in_proj": include_in_proj}
     qparams = None
-    if not isinstance(quant, QuantSpec):
-        q, _ = quantize_checkpoint_state(ckpt, quant, include_in_proj, calibration=calibration,
-                                         calibration_size=calibration_size)
-        record = json.loads(q.meta[META_QUANT])
-        ckpt, qparams, quant = Checkpoint(q.state, ckpt.meta, ckpt.path), q.qparams, quant.grid
+    if not isinstance(quant, QuantSpec):  # run the quantizer first; its codes are then on quant.grid exactly
+        q = quantize_checkpoint_state(ckpt, quant, include_in_proj, calibration=calibration,
+                                      calibration_size=calibration_size)
+        record = json.loads(q.checkpoint.meta[META_QUANT])
+        ckpt, qparams, quant = Checkpoint(q.checkpoint.state, ckpt.meta, ckpt.path), q.qparams, quant.grid
     spec = ckpt.model_spec
     keys = target_keys(spec, include_in_proj)
     for k in keys:
@@ -168,7 +168,7 @@ def pack_checkpoint(
     except NonFiniteWeightError as e:
         raise NonFiniteWeightError(f"{ckpt.name()}: {e}") from None
     meta = {k: v for k, v in ckpt.meta.items() if k != META_FORMAT}
-    meta[META_FORMAT] = "packed"
+    meta[META_FORMAT] = FORMAT_PACKED
     meta[META_QUANT] = json.dumps(record)
     meta[META_PACKED] = json.dumps(
         {
@@ -198,7 +198,8 @@ def pack_checkpoint(
 def load_packed(path: str | os.PathLike) -> Checkpoint:
     """Read a packed checkpoint and dequantize it to a float :class:`Checkpoint` (same keys as the original)."""
     tensors, meta = read_safetensors(path)
-    if meta.get(META_FORMAT) != "packed":
+    meta = check_header(meta, path)
+    if meta.get(META_FORMAT) != FORMAT_PACKED:
         raise QvecError(f"{path}: not a packed qvec checkpoint (format {meta.get(META_FORMAT, 'unknown')!r})")
     try:
         state = unpack_state(tensors, meta)

@@ -24,6 +24,7 @@ from .errors import QvecError
 from .probe import ProbeSet, load_probe, noise_probe, receiver_probe
 from .quant import QuantSpec, fake_quantize, quantize_
 from .rules import DEFAULT_LAMBDAS, IMAGE_SIGNALS, MEAN_DONOR, LambdaRule, get_rule
+from .schema import META_DONOR, META_LAMBDA, META_LAMBDA_DONOR, META_LAMBDA_PROBE, META_LAMBDA_RULE, META_LAMBDA_SCORES
 from .vector import QuantVector
 
 
@@ -107,10 +108,10 @@ class LambdaChoice:
         """The header metadata a patched checkpoint records (``qvec.lambda_rule``, ``qvec.lambda``, ...)."""
         import json
 
-        return {"qvec.lambda_rule": self.rule, "qvec.lambda": f"{self.lam:g}", "qvec.lambda_donor": self.donor,
-                "qvec.lambda_scores": json.dumps({d: {f"{lam:g}": s for lam, s in by.items()}
-                                                  for d, by in self.scores.items()}, sort_keys=True),
-                "qvec.lambda_probe": self.probe}
+        return {META_LAMBDA_RULE: self.rule, META_LAMBDA: f"{self.lam:g}", META_LAMBDA_DONOR: self.donor,
+                META_LAMBDA_SCORES: json.dumps({d: {f"{lam:g}": s for lam, s in by.items()}
+                                                for d, by in self.scores.items()}, sort_keys=True),
+                META_LAMBDA_PROBE: self.probe}
 
 
 @dataclass
@@ -177,12 +178,12 @@ def _check_vector(name: str, vec: QuantVector, ft: Mapping[str, torch.Tensor], r
 
 def _vectors(vectors) -> dict[str, QuantVector]:
     if isinstance(vectors, QuantVector):
-        return {vectors.meta.get("qvec.donor", "vector"): vectors}
+        return {vectors.meta.get(META_DONOR, "vector"): vectors}
     if isinstance(vectors, Mapping):
         return dict(vectors)
     out: dict[str, QuantVector] = {}
     for i, v in enumerate(vectors):
-        name = v.meta.get("qvec.donor", f"vector{i}")
+        name = v.meta.get(META_DONOR, f"vector{i}")
         out[name if name not in out else f"{name}#{i}"] = v
     return out
 
@@ -287,6 +288,6 @@ def choose_lambda(
 ) -> LambdaChoice:
     """The lambda ``rule`` picks for one vector on ``receiver``, with every candidate's score (lambda = 0 included
     for label-free rules: a vector that only hurts is refused)."""
-    return choose_donor(receiver, {vector.meta.get("qvec.donor", "vector"): vector}, quant, rule=rule, probe=probe,
+    return choose_donor(receiver, {vector.meta.get(META_DONOR, "vector"): vector}, quant, rule=rule, probe=probe,
                         probe_size=probe_size, lambdas=lambdas, include_mean=False, require_choice=False,
                         include_in_proj=include_in_proj, task=task, batch_size=batch_size)

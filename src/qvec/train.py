@@ -28,16 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import (
-    META_CLASSES,
-    META_FINGERPRINT,
-    META_KIND,
-    META_QUANT,
-    META_TASK,
-    Checkpoint,
-    atomic_path,
-    fingerprint_tensors,
-)
+from .checkpoint import Checkpoint, atomic_path, fingerprint_tensors
 from .errors import QvecError
 from .evaluate import autocast_for, evaluate, resolve_device
 from .models import DataConfig, ModelAdapter, ModelSpec, build_model, checkpoint_from_model, get_adapter
@@ -45,12 +36,19 @@ from .models.loading import load_backbone_state
 from .qat import convert_qat, prepare_qat
 from .quant import QuantSpec, quantize_
 from .recipe import Recipe
+from .schema import (  # grid.run imports META_RECIPE, META_TRAIN_SECONDS and META_INCLUDE_IN_PROJ from here
+    META_CLASSES,
+    META_FINGERPRINT,
+    META_INCLUDE_IN_PROJ,
+    META_INIT,
+    META_KIND,
+    META_QUANT,
+    META_RECIPE,
+    META_TASK,
+    META_TRAIN_SECONDS,
+)
 from .tasks import Task, TaskSplit, load_jpeg_corpus, normalize
 
-META_RECIPE = "qvec.recipe"
-META_TRAIN_SECONDS = "qvec.train_seconds"
-META_INIT = "qvec.init"
-META_INCLUDE_IN_PROJ = "qvec.include_in_proj"
 STATE_VERSION = 1
 
 

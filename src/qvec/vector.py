@@ -16,21 +16,23 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .checkpoint import (
+from .checkpoint import Checkpoint, read_safetensors, save_safetensors
+from .errors import QvecError
+from .schema import (
+    FORMAT_VECTOR,
+    KIND_PATCHED,
+    META_DONOR,
     META_FINGERPRINT,
     META_FORMAT,
     META_KIND,
     META_MODEL,
+    META_PARAMS,
+    META_PATCH,
     META_QUANT,
     META_TASK,
-    Checkpoint,
-    read_safetensors,
-    save_safetensors,
+    META_VERSION,
+    check_header,
 )
-from .errors import QvecError
-
-META_PARAMS = "qvec.num_params"
-META_DONOR = "qvec.donor"
 
 
 def _check_roles(ft: Checkpoint, qat: Checkpoint) -> None:
@@ -258,7 +260,7 @@ class QuantVector:
 
         ``inplace`` reuses the receiver's tensors (the receiver checkpoint then holds the patched weights).
         """
-        rspec = receiver.model_spec if "qvec.model" in receiver.meta else None
+        rspec = receiver.model_spec if META_MODEL in receiver.meta else None
         vspec = self.model_spec
         if rspec is not None and vspec is not None and (rspec.family, rspec.name) != (vspec.family, vspec.name):
             raise QvecError(f"{receiver.name('the receiver')} is {rspec}, but the vector was made for {vspec}")
@@ -280,8 +282,8 @@ class QuantVector:
             inplace,
         )
         meta = dict(receiver.meta)
-        meta["qvec.kind"] = "patched"
-        meta["qvec.patch"] = json.dumps({"donor": self.meta.get(META_DONOR, ""), "lambda": lam})
+        meta[META_KIND] = KIND_PATCHED
+        meta[META_PATCH] = json.dumps({"donor": self.meta.get(META_DONOR, ""), "lambda": lam})
         return Checkpoint(state, meta)
 
     # ------------------------------------------------------------------------------------------ analysis
@@ -329,19 +331,24 @@ class QuantVector:
     # --------------------------------------------------------------------------------------------- I/O
     def save(self, path: str | os.PathLike) -> Path:
         meta = dict(self.meta)
-        meta.update({META_FORMAT: "vector", META_PARAMS: str(self.num_params), "qvec.version": __version__})
+        meta.update({META_FORMAT: FORMAT_VECTOR, META_PARAMS: str(self.num_params), META_VERSION: __version__})
         save_safetensors(path, self.tensors, meta)
         return Path(path)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> QuantVector:
         tensors, meta = read_safetensors(path)
-        if meta.get(META_FORMAT) != "vector":
+        meta = check_header(meta, path)
+        if meta.get(META_FORMAT) != FORMAT_VECTOR:
             raise QvecError(f"{path}: not a qvec quantization vector (format {meta.get(META_FORMAT, 'unknown')!r})")
+        vec = cls(tensors, meta)
+        if META_PARAMS in meta and meta[META_PARAMS] != str(vec.num_params):
+            raise QvecError(f"{path}: header says {META_PARAMS} = {meta[META_PARAMS]} but its tensors hold "
+                            f"{vec.num_params} values (edited or damaged file)")
         for k, t in tensors.items():
             if not _sum_is_finite(t):
                 _check_finite(k, t, str(path))
-        return cls(tensors, meta)
+        return vec
 
     def __repr__(self) -> str:
         return (

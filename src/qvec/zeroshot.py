@@ -27,12 +27,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import META_FORMAT, read_safetensors, save_safetensors
+from .checkpoint import read_safetensors, save_safetensors
 from .errors import QvecError
+from .schema import (
+    FORMAT_HEAD,
+    META_CLASSNAMES,
+    META_FORMAT,
+    META_LOGIT_SCALE,
+    META_TASK,
+    META_TEMPLATES,
+    META_TEXT_FINGERPRINT,
+    check_header,
+)
 from .templates import fill, get_templates
 
 HEAD_CACHE_ENV = "QVEC_HEAD_CACHE"
-HEAD_FORMAT = "zeroshot-head"
 _ALGO_VERSION = "1"  # bump when the head construction changes, so old cache entries are not reused
 
 
@@ -150,23 +159,32 @@ def head_cache_path(
     return cache_dir / f"{_slug(task or 'head')}-{key}.safetensors"
 
 
+def load_head(path: str | os.PathLike) -> tuple[torch.Tensor, dict[str, str]]:
+    """A zero-shot head file's weight (classes x dim) and its header (checked and upgraded, see
+    :mod:`qvec.schema`); anything else is a one-line QvecError."""
+    tensors, meta = read_safetensors(path)
+    meta = check_header(meta, path)
+    if meta.get(META_FORMAT) != FORMAT_HEAD:
+        raise QvecError(f"{path}: not a qvec zero-shot head (format {meta.get(META_FORMAT, 'unknown')!r})")
+    weight = tensors.get("weight")
+    if weight is None or weight.ndim != 2:
+        raise QvecError(f"{path}: a zero-shot head holds one 2-d tensor 'weight' (classes x dim)")
+    return weight, meta
+
+
 def _read_cached(path: Path, classnames: Sequence[str], templates: Sequence[str]) -> torch.Tensor | None:
     """The cached weight, or None when absent or unusable (a corrupt entry is recomputed, not fatal)."""
     if not path.is_file():
         return None
     try:
-        tensors, meta = read_safetensors(path)
+        weight, meta = load_head(path)
     except QvecError as e:
         warnings.warn(f"ignoring unreadable cached zero-shot head ({e})", stacklevel=3)
         return None
-    weight = tensors.get("weight")
     ok = (
-        meta.get(META_FORMAT) == HEAD_FORMAT
-        and weight is not None
-        and weight.ndim == 2
-        and weight.shape[0] == len(classnames)
-        and json.loads(meta.get("qvec.classnames", "null")) == list(classnames)
-        and json.loads(meta.get("qvec.templates", "null")) == list(templates)
+        weight.shape[0] == len(classnames)
+        and json.loads(meta.get(META_CLASSNAMES, "null")) == list(classnames)
+        and json.loads(meta.get(META_TEMPLATES, "null")) == list(templates)
         and bool(torch.isfinite(weight).all())
     )
     if not ok:
@@ -196,12 +214,12 @@ def build_head(
         return weight
     weight = zeroshot_weights(tower, classnames, templates, device)
     meta = {
-        META_FORMAT: HEAD_FORMAT,
-        "qvec.task": task or "",
-        "qvec.classnames": json.dumps(classnames, ensure_ascii=False),
-        "qvec.templates": json.dumps(templates, ensure_ascii=False),
-        "qvec.text_fingerprint": tower.fingerprint(),
-        "qvec.logit_scale": repr(tower.logit_scale),
+        META_FORMAT: FORMAT_HEAD,
+        META_TASK: task or "",
+        META_CLASSNAMES: json.dumps(classnames, ensure_ascii=False),
+        META_TEMPLATES: json.dumps(templates, ensure_ascii=False),
+        META_TEXT_FINGERPRINT: tower.fingerprint(),
+        META_LOGIT_SCALE: repr(tower.logit_scale),
     }
     try:
         save_safetensors(path, {"weight": weight}, meta)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..checkpoint import META_MODEL, Checkpoint
+from ..checkpoint import Checkpoint
 from ..errors import QvecError
+from ..schema import META_MODEL
 from . import hf, open_clip, timm_vit  # noqa: F401  (registers the timm, qvec, open_clip, hf-clip, hf-vit families)
 from .base import DataConfig, ModelAdapter, ModelSpec, builtin_names, families, get_adapter, register_adapter
 from .loading import load_state_strict
