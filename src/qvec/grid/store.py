@@ -10,29 +10,49 @@ A study (one grid configuration) does not own its rows: a row measured by one st
 needs the same number. The ``study_results`` table records which rows belong to which study, so a report shows
 exactly the study's grid (for instance lambda* is chosen over that study's lambda grid, not over every lambda
 some other study measured).
+
+The schema version is ``PRAGMA user_version`` (:data:`SCHEMA_VERSION`): an older database is migrated in place on
+open (:data:`MIGRATIONS`, then any column a dataclass has and its table lacks), a newer one is refused. See
+docs/formats.md.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import math
 import os
+import re
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 from .. import __version__
 from ..errors import QvecError
 
-SCHEMA_VERSION = 1
+#: The database schema this code writes, kept in ``PRAGMA user_version``. An older database is migrated on open,
+#: step by step (:data:`MIGRATIONS`); a newer one is refused.
+SCHEMA_VERSION = 2
+
+#: What the ``meta`` table's ``schema`` row holds: the oldest schema whose code may write this database. qvec from
+#: before ``user_version`` accepted only ``schema = 1``; migration 1 -> 2 only adds, so that stays 1 and such a qvec
+#: can still read and write a migrated database. A migration that older code would misread raises it.
+COMPAT_VERSION = 1
 
 #: Result kinds. ``patched`` is PTQ(theta_FT^R + lam * tau_D); ``score`` a label-free score of it (split: the
 #: signal, metric: the measure; see :mod:`qvec.rules`); the others are the per-receiver baselines.
-#: ``gptq:<kind>`` rows are the same measurement with GPTQ in place of RTN.
-KINDS = ("ft", "ft_ptq", "qat_ptq", "pretrained", "pretrained_ptq", "patched", "score", "gptq:ft_ptq",
-         "gptq:qat_ptq", "gptq:patched")
+KINDS = ("ft", "ft_ptq", "qat_ptq", "pretrained", "pretrained_ptq", "patched", "score")
+#: ``<quantizer>:<kind>`` rows are the same measurement with another quantizer in place of RTN (``gptq:patched``,
+#: or a registered quantizer's, e.g. ``toy:ft_ptq``); ``<quantizer>`` is a lowercase identifier.
+QUANTIZER_KINDS = ("ft_ptq", "qat_ptq", "patched")
+_QUANTIZER_KIND = re.compile(rf"[a-z][a-z0-9_]*:({'|'.join(QUANTIZER_KINDS)})")
+
+
+def valid_kind(kind: str) -> bool:
+    """Whether ``kind`` is one of :data:`KINDS` or ``<quantizer>:<kind>`` with a kind of :data:`QUANTIZER_KINDS`."""
+    return kind in KINDS or _QUANTIZER_KIND.fullmatch(kind) is not None
 
 
 @dataclass
@@ -107,12 +127,81 @@ class Training:
 _TRAINING_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(Training))
 
 
+def _sql_type(f) -> str:
+    return _SQL_TYPES.get(str(f.type), "TEXT")
+
+
 def _create_sql(table: str, cls, primary: str | None) -> str:
-    cols = []
-    for f in fields(cls):
-        sql_type = _SQL_TYPES.get(str(f.type), "TEXT")
-        cols.append(f"{f.name} {sql_type}{' PRIMARY KEY' if f.name == primary else ''}")
+    cols = [f"{f.name} {_sql_type(f)}{' PRIMARY KEY' if f.name == primary else ''}" for f in fields(cls)]
     return f"CREATE TABLE IF NOT EXISTS {table} ({', '.join(cols)})"
+
+
+def _sql_default(f) -> str:
+    """The DEFAULT clause of a column added to an existing table: the field's plain default, so the rows already
+    there read back as a row made without that field would. NULL for a None default or a ``default_factory``."""
+    v = f.default
+    if v is MISSING or v is None:
+        return ""
+    if isinstance(v, bool):
+        v = int(v)
+    if isinstance(v, int) or (isinstance(v, float) and math.isfinite(v)):
+        return f" DEFAULT {v!r}"
+    if isinstance(v, str):
+        return " DEFAULT '" + v.replace("'", "''") + "'"
+    return ""
+
+
+#: The tables that hold one dataclass each: their columns follow the dataclass's fields.
+_DATACLASS_TABLES = (("results", Result), ("jobs", JobRecord), ("trainings", Training))
+
+
+def add_missing_columns(conn: sqlite3.Connection) -> list[str]:
+    """Inside a transaction: add every field of :class:`Result`, :class:`JobRecord` and :class:`Training` that its
+    existing table lacks (``ALTER TABLE ... ADD COLUMN`` with the field's default). Returns ``table.column`` added.
+    Tables not there yet are left to their ``CREATE TABLE``."""
+    added = []
+    for table, cls in _DATACLASS_TABLES:
+        have = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        if not have:
+            continue
+        for f in fields(cls):
+            if f.name not in have:
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN {f.name} {_sql_type(f)}{_sql_default(f)}")
+                added.append(f"{table}.{f.name}")
+    return added
+
+
+def _v1_to_v2(conn: sqlite3.Connection) -> None:
+    """Schema 2 keeps its version in ``PRAGMA user_version`` (schema 1 had only the ``meta`` row) and has every
+    column of the dataclasses: a database made before a field was added gets it, with the field's default."""
+    add_missing_columns(conn)
+
+
+#: ``MIGRATIONS[n]`` turns a schema-``n`` database into a schema ``n + 1`` one (run inside the open transaction,
+#: which then sets ``user_version`` to ``n + 1``).
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _v1_to_v2}
+
+
+def _stored_version(conn: sqlite3.Connection, path: Path) -> int:
+    """The schema of an open database: ``user_version``; for a database from before that, its ``meta`` row
+    (always 1), or 1 when it has qvec's tables without one; 0 for a new, empty file."""
+    version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+    if version:
+        return version
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    if "meta" in tables:
+        row = conn.execute("SELECT value FROM meta WHERE name='schema'").fetchone()
+        if row is not None:
+            try:
+                return int(row[0])
+            except (TypeError, ValueError):
+                raise QvecError(f"{path}: meta row 'schema' is {row[0]!r}, expected an integer") from None
+    return 1 if tables & {"results", "jobs", "studies", "study_results", "trainings"} else 0
+
+
+def _newer_error(path: Path, version: int) -> QvecError:
+    return QvecError(f"{path}: results database schema {version} is newer than this qvec's ({SCHEMA_VERSION}); "
+                     "upgrade qvec to open it")
 
 
 class ResultStore:
@@ -120,7 +209,8 @@ class ResultStore:
 
     def __init__(self, path: str | os.PathLike, create: bool = True) -> None:
         """Open (``create``: or make) a results database. Readers (report, export, plan) pass ``create=False``:
-        a missing file, an empty one or another SQLite file is then an error and is left untouched."""
+        a missing file, an empty one or another SQLite file is then an error and is left untouched. A database of
+        an older schema is migrated in place (:data:`MIGRATIONS`); one of a newer schema is refused."""
         self.path = Path(path)
         if not create:
             if self.path.is_dir():
@@ -137,21 +227,43 @@ class ResultStore:
                     "SELECT 1 FROM sqlite_master WHERE type='table' AND name='studies'").fetchone() is None:
                 self.conn.close()
                 raise QvecError(f"{self.path}: an SQLite file without qvec results")
+            version = int(self.conn.execute("PRAGMA user_version").fetchone()[0])
+            if version > SCHEMA_VERSION:  # before anything is written (the journal mode included)
+                self.conn.close()
+                raise _newer_error(self.path, version)
             self.conn.execute("PRAGMA journal_mode=WAL")
             self.conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable against process kills
             self._init_schema()
         except sqlite3.DatabaseError as e:
+            self._close_quietly()
             raise QvecError(f"{self.path}: not a usable results database ({e})") from None
         except OSError as e:
             raise QvecError(f"{self.path}: cannot open the results database ({e.strerror})") from None
+        except QvecError:
+            self._close_quietly()
+            raise
+
+    def _close_quietly(self) -> None:
+        conn = getattr(self, "conn", None)
+        if conn is not None:
+            conn.close()
 
     def _init_schema(self) -> None:
+        """In one transaction: migrate an older database step by step, create what is missing, record the
+        version. Two processes opening one old database migrate it once (the second sees the new version)."""
         with self.transaction():
+            version = _stored_version(self.conn, self.path)
+            if version > SCHEMA_VERSION:
+                raise _newer_error(self.path, version)
+            if version:  # an existing database: each step from its schema to this one (a new one starts current)
+                for v in range(version, SCHEMA_VERSION):
+                    if v not in MIGRATIONS:
+                        raise QvecError(f"{self.path}: results database schema {v}: no migration to {v + 1} "
+                                        f"(this qvec migrates schemas {min(MIGRATIONS)} to {SCHEMA_VERSION})")
+                    MIGRATIONS[v](self.conn)
+                    self.conn.execute(f"PRAGMA user_version = {v + 1}")
             self.conn.execute("CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT)")
-            row = self.conn.execute("SELECT value FROM meta WHERE name='schema'").fetchone()
-            if row is not None and int(row[0]) != SCHEMA_VERSION:
-                raise QvecError(f"{self.path}: results schema {row[0]}, this qvec writes {SCHEMA_VERSION}")
-            self.conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+            self.conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (str(COMPAT_VERSION),))
             self.conn.execute(_create_sql("results", Result, "key"))
             self.conn.execute(_create_sql("jobs", JobRecord, None))
             self.conn.execute("CREATE TABLE IF NOT EXISTS study_results "
@@ -159,6 +271,13 @@ class ResultStore:
             self.conn.execute("CREATE TABLE IF NOT EXISTS trainings (study TEXT, key TEXT, kind TEXT, task TEXT, "
                               "bits INTEGER, seed INTEGER, seconds REAL, PRIMARY KEY (study, key))")
             self.conn.execute("CREATE TABLE IF NOT EXISTS studies (name TEXT PRIMARY KEY, config TEXT, updated REAL)")
+            add_missing_columns(self.conn)  # a field added with a default needs no migration of its own
+            if version != SCHEMA_VERSION:
+                self.conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def schema_version(self) -> int:
+        """The schema of the open database (``PRAGMA user_version``)."""
+        return int(self.conn.execute("PRAGMA user_version").fetchone()[0])
 
     def transaction(self):
         """``with store.transaction():`` one atomic write (BEGIN IMMEDIATE ... COMMIT, ROLLBACK on error)."""
@@ -212,6 +331,10 @@ class ResultStore:
         """Inside an open transaction: insert rows (a key already present is left as is); returns new rows."""
         if not results:
             return 0
+        bad = next((r for r in results if not valid_kind(r.kind)), None)
+        if bad is not None:
+            raise QvecError(f"result {bad.key}: kind {bad.kind!r} is not one of {', '.join(KINDS)} or "
+                            f"<quantizer>:{{{'|'.join(QUANTIZER_KINDS)}}}")
         before = self.conn.total_changes
         self.conn.executemany(
             f"INSERT OR IGNORE INTO results ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})",
