@@ -9,6 +9,7 @@ import pytest
 from qvec.cli import main
 from qvec.errors import QvecError
 from qvec.grid.config import DEFAULT_LAMBDAS, load_config
+from qvec.quant import QuantSpec
 
 from .grid_helpers import tiny_config_text, tiny_suite
 
@@ -110,3 +111,26 @@ def test_cli_prints_one_line_and_exits_2(tmp_path, data_dir, capsys):
     err = capsys.readouterr().err.strip()
     assert "lambda grid is empty" in err and len(err.splitlines()) == 1
     assert main(["grid", "run", str(path)]) == 2
+
+
+def test_the_grid_is_one_quant_table_checked_by_quantspec(tmp_path, data_dir):
+    text = tiny_config_text(data_dir)
+    nested = load_config(_write(tmp_path, text + '\n[quant]\ngranularity = "group"\ngroup_size = 32\n'))
+    assert nested.quant(3) == QuantSpec(3, granularity="group", group_size=32)
+    flat = load_config(_write(tmp_path, text.replace("bits = [3]", 'bits = [3]\ngranularity = "group"\n'
+                                                     "group_size = 32")))
+    assert flat.quant(3) == nested.quant(3) and flat.to_dict() == nested.to_dict()  # older configs: same study
+    for extra, message in [
+        ('\n[quant]\ngranularity = "row"\n', "quant: granularity must be one of channel, tensor, group, got 'row'"),
+        ('\n[quant]\nsymmetric = "yes"\n', "quant.symmetric must be true or false"),
+        ("\n[quant]\nbits = 3\n", "quant.bits: the bit-widths are the top-level bits list"),
+        ("\n[quant]\ngroupsize = 3\n", "unknown key quant.groupsize"),
+        ('\nquantizers = ["rtn", "gptq"]\n[gptq]\ndamp = 2.0\n', "gptq: GPTQ damp must be in (0, 1)"),
+        ('\nquantizers = ["rtn", "gptq"]\n[gptq]\ndamping = 0.1\n', "unknown key gptq.damping"),
+        ('\nquantizers = ["rtn", "gptq"]\n[gptq]\nbits = [2]\n', "gptq.bits: 2 is not one of the study's bits"),
+    ]:
+        head, _, tail = text.partition("\n[pretrain]")
+        path = _write(tmp_path, head + extra + "\n[pretrain]" + tail)
+        with pytest.raises(QvecError) as e:
+            load_config(path)
+        assert message in str(e.value) and "\n" not in str(e.value), (extra, str(e.value))

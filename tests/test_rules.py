@@ -23,6 +23,7 @@ from qvec.rules import LambdaRule, get_rule, register_rule, rule_names, select_l
 from qvec.selection import choose_donor, choose_lambda
 from qvec.vector import QuantVector
 
+from . import toy_quantizer
 from .cli_helpers import one_line_error, run
 from .grid_helpers import tiny_config_text, tiny_suite
 
@@ -170,6 +171,14 @@ def _toy_half(arg):
 
 @pytest.fixture(scope="module")
 def rules_study(tmp_path_factory):
+    """A tiny 3-task study with every rule, the toy rule above, GPTQ and the toy quantizer of toy_quantizer.py
+    (registered for this module only)."""
+    toy_quantizer.register()
+    yield _rules_study(tmp_path_factory)
+    toy_quantizer.unregister()
+
+
+def _rules_study(tmp_path_factory):
     root = tmp_path_factory.mktemp("rules")
     data = tiny_suite(root)
     for t in THREE[2:]:  # a third task, so the mean of the other donors has two parts
@@ -178,11 +187,14 @@ def rules_study(tmp_path_factory):
         write_suite(root / "data", tasks=[t], n_train=300, n_test=80, n_pretrain=300)
     text = tiny_config_text(data, name="rules", extra="""
 self_pairs = false
-quantizers = ["rtn", "gptq"]
+quantizers = ["rtn", "gptq", "clip"]
 
 [gptq]
 calibration = "receiver"
 images = 16
+
+[clip]
+clip = 0.8
 
 [rules]
 use = ["agree", "agree:top1", "agree-unlabeled", "agree-noise", "weight", "fixed:0.5", "toy-half"]
@@ -245,6 +257,33 @@ def test_rerun_measures_nothing_and_report_has_every_rule(rules_study, tmp_path)
     assert all(o.delta == 0.0 for o in zero)  # no patch is FT+PTQ itself
     assert {o.donor for o in data.outcomes} == {*THREE, "mean"}
     assert all(p.donor != "mean" for p in data.pairs)  # the paper's tables keep single donors
+
+
+def test_a_toy_quantizer_plugs_in_everywhere(rules_study, tmp_path, capsys):
+    """The toy quantizer (one config class, one handler, registered from the test suite) runs in the grid, gets
+    its own report columns, and works with quantize_, `qvec quantize` and `qvec pack`."""
+    root, cfg, _ = rules_study
+    plan = build_plan(cfg, root / "artifacts")
+    assert [j.id for j in plan.jobs if j.kind == "clip"] == [f"clip/w3/{t}" for t in THREE]
+    with ResultStore(root / "rules.db") as store:
+        rows = [r for r in store.results("rules") if r.kind.startswith("clip:")]
+    assert {r.kind for r in rows} == {"clip:ft_ptq", "clip:qat_ptq", "clip:patched"}
+    assert all(r.quant == "clip0.8-w3-sym-channel" for r in rows)  # no calibration set: it needs no data
+    write_report(root / "rules.db", tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert "Clip(FT)" in md and "Clip λ=1" in md and "Clip agree" in md and "Clip(QAT)" in md
+    assert "Clip needs no data" in md
+    ckpt = next(j.params["out"] for j in plan.jobs if j.kind == "finetune" and not j.params["qat"])
+    out, packed = tmp_path / "c.safetensors", tmp_path / "c.qvec.safetensors"
+    assert run(capsys, "quantize", ckpt, "--method", "clip", "-o", out)[0] == 0
+    assert run(capsys, "pack", ckpt, "--method", "clip", "--scale-dtype", "float32", "-o", packed)[0] == 0
+    from qvec.pack import load_packed
+
+    q, p = Checkpoint.load(out), load_packed(packed)
+    assert json.loads(q.meta["qvec.quant"])["method"] == "clip"
+    assert all(torch.equal(q.state[k], p.state[k]) for k in q.state)  # the codes are the toy's, stored exactly
+    one_line_error(capsys, "--calib is for --method gptq", "quantize", ckpt, "--method", "clip", "--calib", "noise",
+                   "-o", out)
 
 
 def test_gptq_in_the_grid(rules_study):

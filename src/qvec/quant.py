@@ -48,6 +48,11 @@ class QuantizerConfig:
         return {"method": self.method, **asdict(self)}  # type: ignore[call-overload]
 
     @classmethod
+    def from_dict(cls, d: dict):
+        """The config a :meth:`to_dict` record describes (other keys, such as ``method``, ignored)."""
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})  # type: ignore[arg-type]
+
+    @classmethod
     def knobs(cls) -> list[str]:
         """The config's own fields beyond the grid's (a grid config's table accepts exactly these)."""
         return [f.name for f in fields(cls) if f.name not in _GRID_FIELDS]  # type: ignore[arg-type]
@@ -95,10 +100,6 @@ class QuantSpec(QuantizerConfig):
 
     def to_dict(self) -> dict:
         return asdict(self)  # no "method": RTN's records predate the registry, and content keys hash them
-
-    @classmethod
-    def from_dict(cls, d: dict) -> QuantSpec:
-        return cls(**{k: d[k] for k in ("bits", "symmetric", "granularity", "group_size") if k in d})
 
     def __str__(self) -> str:
         kind = "sym" if self.symmetric else "asym"

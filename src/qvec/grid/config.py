@@ -30,13 +30,13 @@ import json
 import math
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from ..errors import QvecError
-from ..quant import GRANULARITIES, QuantSpec
+from ..quant import QuantSpec
 from ..rules import DEFAULT_LAMBDAS
 
 TEST_LAMBDAS = ("selected", "all")
@@ -86,27 +86,32 @@ class RulesConfig:
 
 
 @dataclass
-class GPTQGridConfig:
-    """How a study runs GPTQ (``quantizers = ["rtn", "gptq"]``): calibration source and the algorithm's knobs.
+class PipelineConfig:
+    """A PTQ pipeline measured beside the cells' RTN: ``quantizers = ["rtn", NAME]`` and its optional ``[NAME]``
+    table, for any quantizer registered in :mod:`qvec.quant`.
 
-    ``calibration`` is ``receiver`` (the receiver's own unlabeled training inputs), ``noise``, or a generic probe
-    (.npz or image folder; relative to data_dir, or a path). Results record which.
+    The table takes the quantizer config's own knobs (``options``: GPTQ's ``damp``, ``block_size``, ``act_order``,
+    validated by that config class), ``bits`` (a subset of the study's; empty: all) and, for calibrated quantizers,
+    ``calibration``: ``receiver`` (the receiver's own unlabeled training inputs), ``noise``, or a generic probe
+    (.npz or image folder; relative to data_dir, or a path), of which ``images`` are used. Results record which.
     """
 
     calibration: str = "receiver"
     images: int = 128
-    damp: float = 0.01
-    block_size: int = 128
-    act_order: bool = True
+    bits: list[int] = field(default_factory=list)
+    options: dict = field(default_factory=dict)
 
-    def config(self, quant: QuantSpec):
-        from ..gptq import GPTQConfig
+    @staticmethod
+    def quantizer(name: str):
+        from ..quant import get_quantizer
 
-        return GPTQConfig(quant.bits, quant.symmetric, quant.granularity, quant.group_size, self.damp,
-                          self.block_size, self.act_order)
+        return get_quantizer(name)
+
+    def config(self, name: str, quant: QuantSpec):
+        """The quantizer config of pipeline ``name`` on the grid ``quant``."""
+        return self.quantizer(name).from_grid(quant, **self.options)
 
 
-QUANTIZERS = ("rtn", "gptq")
 
 
 @dataclass
@@ -150,9 +155,10 @@ class GridConfig:
     data_dir: str | None = None
     eval: EvalConfig = field(default_factory=EvalConfig)
     rules: RulesConfig = field(default_factory=RulesConfig)
-    #: the PTQ pipelines compared: RTN (the paper's, always) and optionally GPTQ (see ``gptq``)
+    #: the PTQ pipelines compared: RTN (the paper's, always) and any other registered quantizer (``pipelines``)
     quantizers: list[str] = field(default_factory=lambda: ["rtn"])
-    gptq: GPTQGridConfig = field(default_factory=GPTQGridConfig)
+    #: per non-RTN quantizer of ``quantizers``: its ``[NAME]`` table
+    pipelines: dict[str, PipelineConfig] = field(default_factory=dict)
     source: str = "<flags>"
 
     # ------------------------------------------------------------------------------------------ derived
@@ -172,10 +178,19 @@ class GridConfig:
         d.pop("source")
         if d["rules"] == asdict(RulesConfig()):  # studies without rules keep the fingerprint they always had
             d.pop("rules")
-        if d["quantizers"] == ["rtn"] and d["gptq"] == asdict(GPTQGridConfig()):
+        if d["quantizers"] == ["rtn"]:
             d.pop("quantizers")
-            d.pop("gptq")
+            d.pop("pipelines")
         return d
+
+    def pipeline(self, name: str) -> PipelineConfig:
+        """The table of pipeline ``name`` (defaults when the config has none)."""
+        return self.pipelines.get(name) or PipelineConfig()
+
+    @property
+    def extra_quantizers(self) -> list[str]:
+        """The pipelines beside the cells' RTN, in config order."""
+        return [q for q in self.quantizers if q != "rtn"]
 
     def resolve_data_file(self, p: str, where: str) -> Path:
         """A file or folder named in the config: a path, else relative to the config, else inside data_dir."""
@@ -266,9 +281,11 @@ class GridConfig:
                 raise QvecError(f"{src}: bits must be integers in 2..8, got {b!r}")
         if len(set(self.bits)) != len(self.bits):
             raise QvecError(f"{src}: bits lists a bit-width twice")
-        if self.granularity not in GRANULARITIES:
-            raise QvecError(f"{src}: granularity must be one of {', '.join(GRANULARITIES)}, got {self.granularity!r}")
-        self.quant(self.bits[0])
+        for b in self.bits:  # the grid's checks are QuantSpec's own
+            try:
+                self.quant(b)
+            except QvecError as e:
+                raise QvecError(f"{src}: quant: {e}") from None
         if not self.lambdas:
             raise QvecError(f"{src}: the lambda grid is empty; give at least one value (SPEC: 0.15 .. 1.5)")
         for lam in self.lambdas:
@@ -326,20 +343,33 @@ class GridConfig:
                             f"{len(self.donors)}")
 
     def _validate_quantizers(self) -> None:
-        src, g = self.source, self.gptq
-        bad = [q for q in self.quantizers if q not in QUANTIZERS]
+        from ..quant import quantizer_names
+
+        src = self.source
+        bad = [q for q in self.quantizers if q not in quantizer_names()]
         if bad:
-            raise QvecError(f"{src}: quantizers: unknown quantizer {bad[0]!r}; known: {', '.join(QUANTIZERS)}")
+            raise QvecError(f"{src}: quantizers: unknown quantizer {bad[0]!r}; known: {', '.join(quantizer_names())}")
         if "rtn" not in self.quantizers:
             raise QvecError(f"{src}: quantizers must include 'rtn' (the paper's pipeline, the cells' quantizer)")
+        for name in dict.fromkeys([*self.pipelines, *self.extra_quantizers]):  # a table is checked even unused
+            self._validate_pipeline(name, self.pipeline(name))
+
+    def _validate_pipeline(self, name: str, g: PipelineConfig) -> None:
+        src = self.source
+        extra = [b for b in g.bits if isinstance(b, bool) or b not in self.bits]
+        if extra:
+            raise QvecError(f"{src}: {name}.bits: {extra[0]!r} is not one of the study's bits {self.bits}")
+        for b in g.bits or self.bits:
+            try:
+                g.config(name, self.quant(b))
+            except (QvecError, TypeError) as e:
+                raise QvecError(f"{src}: {name}: {e}") from None
+        if not g.quantizer(name).needs_calibration:
+            return
         if isinstance(g.images, bool) or not isinstance(g.images, int) or g.images < 8:
-            raise QvecError(f"{src}: gptq.images must be an integer of at least 8, got {g.images!r}")
-        try:
-            g.config(self.quant(self.bits[0]))
-        except QvecError as e:
-            raise QvecError(f"{src}: gptq: {e}") from None
+            raise QvecError(f"{src}: {name}.images must be an integer of at least 8, got {g.images!r}")
         if g.calibration not in ("receiver", "noise"):
-            self.resolve_data_file(g.calibration, "gptq.calibration")
+            self.resolve_data_file(g.calibration, f"{name}.calibration")
 
     def _validate_backbone(self) -> None:
         src = self.source
@@ -431,11 +461,15 @@ class GridConfig:
             raise QvecError(f"{self.source}: unknown task {t!r} ({where})")
 
 
-_TYPE_WORDS = {"float": "a number", "int": "an integer", "bool": "true or false", "int | None": "an integer"}
+_TYPE_WORDS = {"float": "a number", "int": "an integer", "bool": "true or false", "int | None": "an integer",
+               "str": "a string", "str | None": "a string", "dict": "a table", "list[str]": "a list of names",
+               "list[int]": "a list", "list[float]": "a list", "dict[str, dict]": "a table"}
 
 
 def _matches_type(value: Any, type_name: str) -> bool:
-    """Whether a config value fits a dataclass field annotated ``type_name`` (bool is not a number here)."""
+    """Whether a config value fits a dataclass field annotated ``type_name`` (bool is not a number here).
+
+    Lists of numbers are only checked to be lists: ``validate`` checks their values, with their ranges."""
     if value is None:
         return type_name.endswith("| None")
     base = type_name.removesuffix(" | None")
@@ -447,15 +481,46 @@ def _matches_type(value: Any, type_name: str) -> bool:
         return isinstance(value, int)
     if base == "float":
         return isinstance(value, int | float) and math.isfinite(value)
+    if base == "str":
+        return isinstance(value, str)
+    if base.startswith("dict"):
+        return isinstance(value, dict)
+    if base == "list[str]":
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    if base.startswith("list"):
+        return isinstance(value, list)
     return True
+
+
+def _checked(source: str, where: str, value: Any, type_name: str) -> Any:
+    """``value`` if it fits the field type ``type_name``, else one line naming the key and what it must be."""
+    if not _matches_type(value, type_name):
+        raise QvecError(f"{source}: {where} must be {_TYPE_WORDS.get(type_name, type_name)}, got {value!r}")
+    return list(value) if isinstance(value, list) else dict(value) if isinstance(value, dict) else value
+
+
+def _table(source: str, where: str, raw: Any, cls: type, extra: Sequence[str] = ()) -> dict[str, Any]:
+    """A config table checked against the fields of dataclass ``cls`` (plus ``extra`` keys, returned unchecked):
+    unknown keys and values of the wrong type are one-line errors naming ``where.key``."""
+    table = _checked(source, where, raw, "dict")
+    types = {f.name: str(f.type) for f in fields(cls)}
+    out = {}
+    for k, v in table.items():
+        if k in types:
+            out[k] = _checked(source, f"{where}.{k}", v, types[k])
+        elif k in extra:
+            out[k] = v
+        else:
+            raise QvecError(f"{source}: unknown key {where}.{k}; known: {', '.join(sorted([*types, *extra]))}")
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ loading
 #: Keys that are shorthand for a model option (``img_size = 112`` is ``model_options.img_size = 112``).
 _MODEL_OPTION_KEYS = ("img_size",)
-_TOP_KEYS = ({f.name for f in fields(GridConfig)} - {"source", "task_recipes"}) | set(_MODEL_OPTION_KEYS)
+_TOP_KEYS = ({f.name for f in fields(GridConfig)} - {"source", "task_recipes", "pipelines"}) | set(
+    _MODEL_OPTION_KEYS) | {"quant"}
 _EVAL_KEYS = {f.name for f in fields(EvalConfig)}
-_RULES_KEYS = {f.name for f in fields(RulesConfig)}
 
 
 def _read_file(path: Path) -> dict:
@@ -489,89 +554,88 @@ def _expect(src: str, key: str, value: Any, kind: type, what: str) -> Any:
     return value
 
 
+#: top-level keys that are not plain fields of GridConfig, each read by its own section reader below
+_SECTIONS = ("recipe", "pretrain", "eval", "rules", "quant", "model_options", "pipelines")
+#: the integer grid: ``[quant]``, or (as older configs do) top-level keys
+_GRID_KEYS = ("granularity", "symmetric", "group_size")
+
+
 def config_from_dict(raw: Mapping[str, Any], source: str = "<flags>") -> GridConfig:
-    """Build (not yet validate) a GridConfig from parsed TOML/YAML; unknown keys are an error."""
+    """Build (not yet validate) a GridConfig from parsed TOML/YAML; unknown keys are an error.
+
+    Plain keys are checked against the types of GridConfig's fields; each table by its own dataclass."""
+    from ..quant import quantizer_names
+
     raw = dict(raw)
+    tables = [q for q in quantizer_names() if q != "rtn"]
     for k in raw:
-        if k not in _TOP_KEYS:
+        if k not in _TOP_KEYS and k not in tables:
             raise QvecError(f"{source}: unknown key {k!r}; known: {', '.join(sorted(_TOP_KEYS))}")
     for req in ("model", "tasks"):
         if req not in raw:
             raise QvecError(f"{source}: missing required key {req!r}")
-    kw: dict[str, Any] = {}
-    for key in ("tasks", "donors", "receivers", "bits", "lambdas", "seeds"):
-        if key in raw:
-            kw[key] = list(_expect(source, key, raw[key], list, "a list"))
-    for key in ("tasks", "donors", "receivers"):
-        for t in kw.get(key, []):
-            _expect(source, key, t, str, "a list of task names")
-    for key in ("name", "model", "granularity", "backbone", "data_dir", "profile"):
-        if key in raw:
-            kw[key] = str(_expect(source, key, raw[key], str, "a string"))
-    for key in ("symmetric", "select_lambda", "self_pairs", "include_in_proj", "qat_include_in_proj"):
-        if key in raw:
-            kw[key] = _expect(source, key, raw[key], bool, "true or false")
-    if "group_size" in raw:
-        kw["group_size"] = _expect(source, "group_size", raw["group_size"], int, "an integer")
-    if "model_options" in raw:
-        kw["model_options"] = dict(_expect(source, "model_options", raw["model_options"], dict, "a table"))
-    for key in _MODEL_OPTION_KEYS:
-        if key in raw:
-            value = _expect(source, key, raw[key], int, "an integer (pixels)")
-            if value < 1:
-                raise QvecError(f"{source}: {key} must be a positive number of pixels, got {value}")
-            kw.setdefault("model_options", {})[key] = value
+    types = {f.name: str(f.type) for f in fields(GridConfig)}
+    kw: dict[str, Any] = {k: _checked(source, k, v, types[k]) for k, v in raw.items()
+                          if k in types and k not in _SECTIONS}
+    kw.update(_model_options(source, raw))
+    kw.update(_grid_table(source, raw))
     if "recipe" in raw:
-        rec = dict(_expect(source, "recipe", raw["recipe"], dict, "a table"))
-        per_task = rec.pop("tasks", {})
+        rec = _checked(source, "recipe", raw["recipe"], "dict")
+        per_task = _checked(source, "recipe.tasks", rec.pop("tasks", {}), "dict")
         kw["recipe"] = rec
-        kw["task_recipes"] = {t: dict(_expect(source, f"recipe.tasks.{t}", r, dict, "a table"))
-                              for t, r in _expect(source, "recipe.tasks", per_task, dict, "a table").items()}
+        kw["task_recipes"] = {t: _checked(source, f"recipe.tasks.{t}", r, "dict") for t, r in per_task.items()}
     if "pretrain" in raw:
-        pre = dict(_expect(source, "pretrain", raw["pretrain"], dict, "a table"))
+        pre = _checked(source, "pretrain", raw["pretrain"], "dict")
         if "data" not in pre:
             raise QvecError(f"{source}: [pretrain] needs data = FILE (the JPEG corpus, e.g. pretrain_cifar10.npz)")
-        data = str(_expect(source, "pretrain.data", pre.pop("data"), str, "a file name"))
+        data = str(_checked(source, "pretrain.data", pre.pop("data"), "str"))
         kw["pretrain"] = PretrainConfig(data, pre)
     if "eval" in raw:
-        ev = dict(_expect(source, "eval", raw["eval"], dict, "a table"))
-        for k in ev:
-            if k not in _EVAL_KEYS:
-                raise QvecError(f"{source}: unknown key eval.{k}; known: {', '.join(sorted(_EVAL_KEYS))}")
-        kw["eval"] = EvalConfig(**ev)
+        kw["eval"] = EvalConfig(**_table(source, "eval", raw["eval"], EvalConfig))
     if "rules" in raw:
-        kw["rules"] = _rules_section(source, raw["rules"])
-    if "quantizers" in raw:
-        kw["quantizers"] = [_expect(source, "quantizers", q, str, "a list of quantizer names")
-                            for q in _expect(source, "quantizers", raw["quantizers"], list, "a list")]
-    if "gptq" in raw:
-        g = dict(_expect(source, "gptq", raw["gptq"], dict, "a table"))
-        known = {f.name for f in fields(GPTQGridConfig)}
-        for k in g:
-            if k not in known:
-                raise QvecError(f"{source}: unknown key gptq.{k}; known: {', '.join(sorted(known))}")
-        kw["gptq"] = GPTQGridConfig(**g)
+        rules = raw["rules"]  # `rules = ["agree", ...]` is short for `[rules] use = [...]`
+        kw["rules"] = RulesConfig(**_table(source, "rules", {"use": rules} if isinstance(rules, list) else rules,
+                                           RulesConfig))
+    kw["pipelines"] = {q: _pipeline_table(source, q, raw[q]) for q in tables if q in raw}
     if "name" not in kw:
         kw["name"] = Path(source).stem if source != "<flags>" else "grid"
     return GridConfig(source=source, **kw)
 
 
-def _rules_section(source: str, raw: Any) -> RulesConfig:
-    if isinstance(raw, list):  # `rules = ["agree", ...]` is short for `[rules] use = [...]`
-        raw = {"use": raw}
-    rc = dict(_expect(source, "rules", raw, dict, "a table or a list of rule names"))
-    for k in rc:
-        if k not in _RULES_KEYS:
-            raise QvecError(f"{source}: unknown key rules.{k}; known: {', '.join(sorted(_RULES_KEYS))}")
-    for key in ("use", "probe_domain"):
-        if key in rc:
-            rc[key] = [_expect(source, f"rules.{key}", v, str, "a list of names")
-                       for v in _expect(source, f"rules.{key}", rc[key], list, "a list")]
-    if "probe" in rc:
-        rc["probe"] = _expect(source, "rules.probe", rc["probe"], str, "a path or 'noise'")
-    if "donor_mean" in rc:
-        _expect(source, "rules.donor_mean", rc["donor_mean"], bool, "true or false")
-    return RulesConfig(**rc)
+def _model_options(source: str, raw: Mapping[str, Any]) -> dict[str, Any]:
+    """``model_options`` and its top-level shorthands (``img_size = 112``)."""
+    opts = dict(_checked(source, "model_options", raw["model_options"], "dict")) if "model_options" in raw else {}
+    for key in _MODEL_OPTION_KEYS:
+        if key in raw:
+            value = _expect(source, key, raw[key], int, "an integer (pixels)")
+            if value < 1:
+                raise QvecError(f"{source}: {key} must be a positive number of pixels, got {value}")
+            opts[key] = value
+    return {"model_options": opts} if opts else {}
+
+
+def _grid_table(source: str, raw: Mapping[str, Any]) -> dict[str, Any]:
+    """The integer grid shared by every quantizer: a ``[quant]`` table of QuantSpec's fields (bits are the
+    study's list), or the same keys at the top level; QuantSpec itself validates the values."""
+    if "quant" not in raw:
+        return {}
+    flat = [k for k in _GRID_KEYS if k in raw]
+    if flat:
+        raise QvecError(f"{source}: {flat[0]} is given both at the top level and in [quant]; keep one")
+    grid = _table(source, "quant", raw["quant"], QuantSpec)
+    if "bits" in grid:
+        raise QvecError(f"{source}: quant.bits: the bit-widths are the top-level bits list")
+    return grid
+
+
+def _pipeline_table(source: str, name: str, raw: Any) -> PipelineConfig:
+    """A ``[NAME]`` pipeline table: PipelineConfig's keys, and the quantizer config's own knobs as ``options``."""
+    knobs = PipelineConfig.quantizer(name).knobs()
+    table = _table(source, name, raw, PipelineConfig, extra=knobs)
+    if "options" in table:
+        raise QvecError(f"{source}: {name}: give the quantizer's options as keys of [{name}] itself")
+    return PipelineConfig(**{k: v for k, v in table.items() if k not in knobs},
+                          options={k: v for k, v in table.items() if k in knobs})
 
 
 def load_config(

@@ -29,7 +29,7 @@ from ..evaluate import evaluate
 from ..models import ModelSpec, build_model, get_adapter
 from ..models.loading import load_state_strict
 from ..probe import NOISE, ProbeSet, load_probe, noise_probe, receiver_probe
-from ..quant import calibrated_quantize_, quantize_
+from ..quant import apply_quantizer_, quantize_
 from ..rules import IMAGE_SIGNALS, SIGNALS, lam_key
 from ..selection import agreement, ptq_errors, reference, weight_errors, weight_score
 from ..vector import QuantVector
@@ -37,11 +37,12 @@ from .plan import (
     Job,
     baseline_items,
     cell_key,
-    gptq_key,
-    gptq_lambdas,
+    is_pipeline,
     lambdas_on_test,
     pair_choices,
     pair_rules,
+    pipeline_key,
+    pipeline_lambdas,
     quant_of,
     score_keys,
     score_lambdas,
@@ -338,47 +339,51 @@ def _score_row(p: dict, key: str, signal: str, measure: str, value: float, n: in
                           default=str))
 
 
-def run_gptq(p: dict) -> list[Result]:
-    """GPTQ of the receiver's FT and QAT models and of FT + lam * tau_D for each donor, at lambda = 1 and at each
-    rule's choice (re-derived from the cells' rows in ``known``, as the plan does), on the test split."""
-    from ..gptq import GPTQConfig
+def run_pipeline(p: dict) -> list[Result]:
+    """A registered quantizer other than RTN on the receiver's FT and QAT models and on FT + lam * tau_D for each
+    donor, at lambda = 1 and at each rule's choice (re-derived from the cells' rows in ``known``, as the plan
+    does), on the test split."""
+    from ..quant import get_quantizer
     from ..tasks import get_task
 
     b = bench()
     known: dict[str, float] = p.get("known", {})
-    lams = gptq_lambdas(p, lambda keys: {k: known[k] for k in keys if k in known})
+    lams = pipeline_lambdas(p, lambda keys: {k: known[k] for k in keys if k in known})
     if lams is None:
         raise QvecError(f"{p['label']}: the receiver's cells are not all measured yet")
+    name = p["quantizer"]
+    cls = get_quantizer(name)
+    cfg = cls.from_dict(p[name])
     task = get_task(p["receiver"], p["data_dir"])
     s = b.slot(p["receiver_ft"], p["include_in_proj"])
-    cfg = GPTQConfig(**{k: v for k, v in p["gptq"].items() if k != "method"})
-    x = _calibration(b, s, p, task)
+    x = _calibration(b, s, p, task) if cls.needs_calibration else None
     ft_state = b.checkpoint(p["receiver_ft"]).state
     items = [("ft_ptq", p["receiver_ft_key"], ft_state, None, "", None),
              ("qat_ptq", p["qat_key"], b.checkpoint(p["qat"]).state, None, "", None)]
     for pair in p["pairs"]:
         vec = b.vector(pair["vector"])
         items += [("patched", p["receiver_ft_key"], ft_state, vec, pair, lam) for lam in lams[pair["donor"]]]
+    calib = f" calib={p['calib']['source']}:{p['calib']['images']}" if x is not None else ""
     rows = []
     for kind, state_key, state, vec, pair, lam in items:
-        key = gptq_key(p, kind, state_key, pair["vector_key"] if pair else "", lam)
+        key = pipeline_key(p, kind, state_key, pair["vector_key"] if pair else "", lam)
         if key in known:
             continue
         t0 = time.perf_counter()
         b.set_backbone(s, state, vec, lam or 0.0)
         t1 = time.perf_counter()
-        calibrated_quantize_(s.model, cfg, s.targets, x)
+        apply_quantizer_(s.model, cfg, s.targets, x)
         t2 = time.perf_counter()
         r = evaluate(s.model, task, "test", batch_size=p["batch_size"], limit=p["test_limit"], config=s.config)
-        row = _row(p, key, f"gptq:{kind}", "test", r, t1 - t0, t2 - t1, donor=pair["donor"] if pair else "",
+        row = _row(p, key, f"{name}:{kind}", "test", r, t1 - t0, t2 - t1, donor=pair["donor"] if pair else "",
                    lam=lam, quant=p["quant"])
-        row.quant = f"{cfg} calib={p['calib']['source']}:{p['calib']['images']}"
+        row.quant = f"{cfg}{calib}"
         rows.append(row)
     return rows
 
 
 def _calibration(b: EvalBench, s: _Slot, p: dict, task) -> torch.Tensor:
-    """GPTQ's calibration images, preprocessed for the slot's model: the receiver's unlabeled training inputs,
+    """A calibrated pipeline's images, preprocessed for the slot's model: the receiver's unlabeled training inputs,
     noise, or a generic probe (cached per process)."""
     c = p["calib"]
     name = ("calib", p["receiver_ft"], c["id"], c["images"], s.spec.to_json())
@@ -441,8 +446,8 @@ def execute_job(job: Job, progress: bool = False) -> JobOutput:
         out.results = run_baseline(job.params)
     elif job.kind == "cells":
         out.results = run_cells(job.params)
-    elif job.kind == "gptq":
-        out.results = run_gptq(job.params)
+    elif is_pipeline(job):
+        out.results = run_pipeline(job.params)
     else:
         raise QvecError(f"unknown job kind {job.kind!r}")
     out.seconds = time.perf_counter() - t0

@@ -31,7 +31,7 @@ from ..rules import MEAN_DONOR, SIGNALS, LambdaRule, get_rule, lam_key, select_l
 from .artifacts import ArtifactStore, content_key, file_digest
 from .config import GridConfig
 
-KIND_ORDER = ("pretrain", "finetune", "vector", "baseline", "cells", "gptq")
+KIND_ORDER = ("pretrain", "finetune", "vector", "baseline", "cells")
 FLOAT_BASELINES = ("ft", "pretrained")
 PTQ_BASELINES = ("ft_ptq", "qat_ptq", "pretrained_ptq")
 
@@ -65,7 +65,7 @@ class Plan:
 
     def counts(self) -> dict[str, int]:
         c = Counter(j.kind for j in self.jobs)
-        return {k: c[k] for k in KIND_ORDER if c[k]}
+        return {k: c[k] for k in [*KIND_ORDER, *sorted(set(c) - set(KIND_ORDER))] if c[k]}
 
     def cells(self) -> int:
         """How many (donor, receiver, bits, lambda) validation cells the grid has."""
@@ -175,8 +175,8 @@ def job_result_keys(job: Job, lookup: Callable[[Iterable[str]], Mapping[str, flo
     p = job.params
     if job.kind == "baseline":
         return [it["key"] for it in baseline_items(p)]
-    if job.kind == "gptq":
-        return gptq_result_keys(p, lookup)
+    if is_pipeline(job):
+        return pipeline_result_keys(p, lookup)
     if job.kind != "cells":
         return []
     val_keys = {cell_key(p, lam, "val"): lam for lam in p["lambdas"]} if p["select_lambda"] else {}
@@ -206,8 +206,8 @@ def candidate_keys(job: Job) -> list[str]:
     p = job.params
     if job.kind == "baseline":
         return [it["key"] for it in baseline_items(p)]
-    if job.kind == "gptq":
-        return gptq_candidate_keys(p)
+    if is_pipeline(job):
+        return pipeline_candidate_keys(p)
     if job.kind != "cells":
         return []
     lams = [*p["lambdas"], 1.0]
@@ -215,30 +215,44 @@ def candidate_keys(job: Job) -> list[str]:
             + [cell_key(p, lam, "test") for lam in lams])
 
 
-# ------------------------------------------------------------------------------------------------- GPTQ
-def gptq_quant(params: Mapping) -> dict:
-    """What a GPTQ row's number depends on beyond the weights: the config and the calibration set."""
-    return {**params["gptq"], "calibration": params["calib"]["id"], "images": params["calib"]["images"]}
+# ------------------------------------------------------------------------------------------ other pipelines
+# A pipeline job runs one registered quantizer other than RTN (GPTQ, or any plugin) per (receiver, bits, seed):
+# on FT, on QAT, and on FT + lam tau_D for every donor at lambda = 1 and at each rule's choice. Its rows are
+# ``<quantizer>:ft_ptq``, ``<quantizer>:qat_ptq`` and ``<quantizer>:patched``. Params hold the quantizer's
+# config under its own name (``params["gptq"]``) and, when it is calibrated, the calibration set (``calib``).
+PIPELINE_KINDS = ("ft_ptq", "qat_ptq", "patched")
 
 
-def gptq_key(params: Mapping, kind: str, state: str, vector: str = "", lam: float | None = None) -> str:
-    """Key of one GPTQ row: ``gptq:ft_ptq`` (GPTQ of FT), ``gptq:qat_ptq`` or ``gptq:patched`` (FT + lam tau)."""
-    return result_key(f"gptq:{kind}", state=state, head=params["receiver_ft_key"], quant=gptq_quant(params),
-                      in_proj=params["include_in_proj"], split="test", limit=params["test_limit"], vector=vector,
-                      lam=lam)
+def is_pipeline(job: Job) -> bool:
+    """Whether ``job`` is a pipeline job: its kind is the quantizer's name (``gptq``)."""
+    return job.params.get("quantizer") == job.kind
 
 
-def gptq_pair_params(params: Mapping, pair: Mapping) -> dict:
-    """The cells-job view of one donor of a GPTQ job (to look up its validation rows and scores)."""
+def pipeline_quant(params: Mapping) -> dict:
+    """What a pipeline row's number depends on beyond the weights: the config and any calibration set."""
+    q = params["quantizer"]
+    calib = params.get("calib")
+    return {**params[q], **({"calibration": calib["id"], "images": calib["images"]} if calib else {})}
+
+
+def pipeline_key(params: Mapping, kind: str, state: str, vector: str = "", lam: float | None = None) -> str:
+    """Key of one pipeline row: ``<q>:ft_ptq`` (the quantizer on FT), ``<q>:qat_ptq`` or ``<q>:patched``."""
+    return result_key(f"{params['quantizer']}:{kind}", state=state, head=params["receiver_ft_key"],
+                      quant=pipeline_quant(params), in_proj=params["include_in_proj"], split="test",
+                      limit=params["test_limit"], vector=vector, lam=lam)
+
+
+def pipeline_pair_params(params: Mapping, pair: Mapping) -> dict:
+    """The cells-job view of one donor of a pipeline job (to look up its validation rows and scores)."""
     return {**params, "donor": pair["donor"], "vector": pair["vector"], "vector_key": pair["vector_key"]}
 
 
-def gptq_lambdas(params: Mapping, lookup: Callable[[Iterable[str]], Mapping[str, float]]
-                 ) -> dict[str, list[float]] | None:
-    """Per donor, the lambdas GPTQ(FT + lam tau) is measured at: 1 and every rule's choice (None: not known yet)."""
+def pipeline_lambdas(params: Mapping, lookup: Callable[[Iterable[str]], Mapping[str, float]]
+                     ) -> dict[str, list[float]] | None:
+    """Per donor, the lambdas the pipeline is measured at: 1 and every rule's choice (None: not known yet)."""
     out = {}
     for pair in params["pairs"]:
-        cp = gptq_pair_params(params, pair)
+        cp = pipeline_pair_params(params, pair)
         val_keys = {cell_key(cp, lam, "val"): lam for lam in cp["lambdas"]} if cp["select_lambda"] else {}
         sk = score_keys(cp)
         have = lookup([*val_keys, *sk])
@@ -252,41 +266,52 @@ def gptq_lambdas(params: Mapping, lookup: Callable[[Iterable[str]], Mapping[str,
     return out
 
 
-def gptq_result_keys(params: Mapping, lookup: Callable[[Iterable[str]], Mapping[str, float]]) -> list[str] | None:
-    lams = gptq_lambdas(params, lookup)
+def pipeline_result_keys(params: Mapping, lookup: Callable[[Iterable[str]], Mapping[str, float]]
+                         ) -> list[str] | None:
+    lams = pipeline_lambdas(params, lookup)
     if lams is None:
         return None
-    keys = [gptq_key(params, "ft_ptq", params["receiver_ft_key"]), gptq_key(params, "qat_ptq", params["qat_key"])]
+    keys = [pipeline_key(params, "ft_ptq", params["receiver_ft_key"]),
+            pipeline_key(params, "qat_ptq", params["qat_key"])]
     for pair in params["pairs"]:
-        keys += [gptq_key(params, "patched", params["receiver_ft_key"], pair["vector_key"], lam)
+        keys += [pipeline_key(params, "patched", params["receiver_ft_key"], pair["vector_key"], lam)
                  for lam in lams[pair["donor"]]]
     return keys
 
 
-def gptq_candidate_keys(params: Mapping) -> list[str]:
-    """The cells' validation and score keys (to choose lambda) and every GPTQ row the job might produce."""
-    keys = [gptq_key(params, "ft_ptq", params["receiver_ft_key"]), gptq_key(params, "qat_ptq", params["qat_key"])]
+def pipeline_candidate_keys(params: Mapping) -> list[str]:
+    """The cells' validation and score keys (to choose lambda) and every row the pipeline job might produce."""
+    keys = [pipeline_key(params, "ft_ptq", params["receiver_ft_key"]),
+            pipeline_key(params, "qat_ptq", params["qat_key"])]
     for pair in params["pairs"]:
-        cp = gptq_pair_params(params, pair)
+        cp = pipeline_pair_params(params, pair)
         keys += [cell_key(cp, lam, "val") for lam in cp["lambdas"]] + list(score_keys(cp))
-        keys += [gptq_key(params, "patched", params["receiver_ft_key"], pair["vector_key"], lam)
+        keys += [pipeline_key(params, "patched", params["receiver_ft_key"], pair["vector_key"], lam)
                  for lam in {*cp["lambdas"], 1.0}]
     return keys
 
 
-def _gptq_jobs(config: GridConfig, seeds: list, quants: dict, ft: dict, qat: dict, cells: list[Job]) -> list[Job]:
-    """Per (receiver, bits, seed): GPTQ of FT, of QAT, and of FT + lam tau_D for every donor at lambda = 1 and
-    at each rule's choice (read from the receiver's cells, which it therefore follows)."""
-    g = config.gptq
+def _calibration_set(config: GridConfig, name: str) -> dict | None:
+    """The named calibration set of a calibrated pipeline (None for one that needs no data)."""
+    g = config.pipeline(name)
+    if not g.quantizer(name).needs_calibration:
+        return None
     if g.calibration in ("receiver", "noise"):
-        calib = {"source": g.calibration, "id": g.calibration, "images": g.images}
-    else:
-        path = config.resolve_data_file(g.calibration, "gptq.calibration")
-        calib = {"source": str(path), "id": _probe_identity(path), "images": g.images}
+        return {"source": g.calibration, "id": g.calibration, "images": g.images}
+    path = config.resolve_data_file(g.calibration, f"{name}.calibration")
+    return {"source": str(path), "id": _probe_identity(path), "images": g.images}
+
+
+def _pipeline_jobs(config: GridConfig, name: str, seeds: list, quants: dict, ft: dict, qat: dict,
+                   cells: list[Job]) -> list[Job]:
+    """Per (receiver, bits, seed): the quantizer on FT, on QAT, and on FT + lam tau_D for every donor at
+    lambda = 1 and at each rule's choice (read from the receiver's cells, which it therefore follows)."""
+    g = config.pipeline(name)
+    calib = _calibration_set(config, name)
     jobs = []
     for seed in seeds:
         sfx = "" if seed is None else f"/s{seed}"
-        for bits in config.bits:
+        for bits in g.bits or config.bits:
             for recv in config.receivers:
                 mine = [j for j in cells if j.params["bits"] == bits and j.params["receiver"] == recv
                         and j.params["seed"] == ft[(recv, None, seed)].params["seed"]
@@ -297,13 +322,13 @@ def _gptq_jobs(config: GridConfig, seeds: list, quants: dict, ft: dict, qat: dic
                 base = {k: v for k, v in mine[0].params.items()
                         if k not in ("donor", "vector", "vector_key", "label")}
                 params = {**base, "qat": q.params["out"], "qat_key": q.key,
-                          "gptq": g.config(quants[bits]).to_dict(), "calib": calib,
+                          name: g.config(name, quants[bits]).to_dict(), **({"calib": calib} if calib else {}),
                           "pairs": [{"donor": j.params["donor"], "vector": j.params["vector"],
-                                     "vector_key": j.params["vector_key"]} for j in mine],
-                          "label": f"gptq w{bits} {recv}{sfx} ({len(mine)} donors)"}
-                key = content_key("gptq", {k: v for k, v in params.items() if k != "label"})
-                jobs.append(Job(f"gptq/w{bits}/{recv}{sfx}", "gptq", key, (f.id, q.id, *(j.id for j in mine)),
-                                params))
+                                     "vector_key": j.params["vector_key"]} for j in mine]}
+                key = content_key(name, params)  # the GPTQ jobs' keys of before the registry, unchanged
+                params.update(quantizer=name, label=f"{name} w{bits} {recv}{sfx} ({len(mine)} donors)")
+                jobs.append(Job(f"{name}/w{bits}/{recv}{sfx}", name, key,
+                                (f.id, q.id, *(j.id for j in mine)), params))
     return jobs
 
 
@@ -473,8 +498,8 @@ def build_plan(config: GridConfig, artifacts_root: str | Path) -> Plan:
         jobs += _mean_vector_jobs(config, store, seeds, vec)
     cells = _cell_jobs(config, seeds, quants, ft, vec, eval_common)
     jobs += cells
-    if "gptq" in config.quantizers:
-        jobs += _gptq_jobs(config, seeds, quants, ft, qat, cells)
+    for name in config.extra_quantizers:
+        jobs += _pipeline_jobs(config, name, seeds, quants, ft, qat, cells)
     return Plan(config, store, jobs)
 
 

@@ -27,7 +27,7 @@ from ..errors import QvecError
 from ..rules import MEAN_DONOR
 from .plan import lam_key, select_lambda
 from .render import Table, _plt, _save
-from .report_pipelines import gptq_cost, gptq_patched, pipelines_table
+from .report_pipelines import pipeline_cost, pipeline_of, pipeline_patched, pipelines_table
 from .report_rules import (
     MIN_GAP_POINTS,
     RuleOutcome,
@@ -99,9 +99,10 @@ class StudyData:
     seeds: int = 1
     #: every lambda rule's outcome per pair (qvec.grid.report_rules), the mean-of-others donor included
     outcomes: list[RuleOutcome] = field(default_factory=list)
-    #: (bits, donor, receiver) -> {lambda: GPTQ(FT + lam tau) accuracy}, and GPTQ's cost (s/model, images)
-    gptq: dict = field(default_factory=dict)
-    gptq_cost: tuple = (NAN, 0)
+    #: quantizer -> (bits, donor, receiver) -> {lambda: its accuracy on FT + lam tau}, for every quantizer other
+    #: than RTN (qvec.grid.report_pipelines), and each one's cost (s/model, calibration images)
+    pipelines: dict = field(default_factory=dict)
+    pipeline_cost: dict = field(default_factory=dict)
 
     def base(self, kind: str, receiver: str, bits: int | None = None) -> float:
         return self.baselines.get((kind, receiver, bits), NAN)
@@ -149,7 +150,8 @@ def load_study(store: ResultStore, study: str | None = None) -> StudyData:
     test: dict[tuple, dict[str, float]] = defaultdict(dict)
     cost: dict[tuple, list[float]] = defaultdict(list)
     for r in rows:
-        if r.kind in ("score", "gptq:patched") or r.donor == MEAN_DONOR:  # report_rules / report_pipelines
+        if r.kind == "score" or r.donor == MEAN_DONOR or (pipeline_of(r.kind) or ("",))[-1] == "patched":
+            # report_rules / report_pipelines
             continue
         if r.kind != "patched":
             if r.split == "test":
@@ -188,7 +190,7 @@ def load_study(store: ResultStore, study: str | None = None) -> StudyData:
     qat_cost = {(t.task, t.bits): t.seconds for t in store.trainings(study) if t.bits is not None}
     return StudyData(study, rows[0].model, receivers, donors, bits_list, baselines, pairs,
                      {k: _mean(v) for k, v in cost.items()}, qat_cost, config, len(seeds),
-                     rule_outcomes(rows, config, baselines), gptq_patched(rows), gptq_cost(rows))
+                     rule_outcomes(rows, config, baselines), pipeline_patched(rows), pipeline_cost(rows))
 
 
 # -------------------------------------------------------------------------------------------------- tables
@@ -566,8 +568,8 @@ def write_report(db: str | os.PathLike, out_dir: str | os.PathLike, study: str |
             if dt is not None:
                 emit(dt)
         free = [r for r in rules if r.zero_shot and r.metric is not None]
-        pt = pipelines_table(data.baselines, data.outcomes, data.gptq, data.receivers, b, free[0] if free else None,
-                             data.gptq_cost)
+        pt = pipelines_table(data.baselines, data.outcomes, data.pipelines, data.receivers, b,
+                             free[0] if free else None, data.pipeline_cost)
         if pt is not None:
             emit(pt)
     md += ["## Cost", ""]
