@@ -16,6 +16,7 @@ from ..models import families, get_adapter, with_model
 from ..pack import load_packed, pack_checkpoint
 from ..ptq import quantize_checkpoint
 from ..quant import QuantizerConfig, QuantSpec, get_quantizer, quantizer_names
+from ..schema import META_DONOR
 from ..vector import QuantVector
 from . import app
 
@@ -133,7 +134,7 @@ def patch(
         vec = vecs[0] if len(vecs) == 1 else QuantVector.mean(vecs)
         patched = vec.apply(ckpt, value, allow_fingerprint_mismatch, inplace=True)
         patched.save(output)
-        out.print(f"wrote {output}: {receiver.name} + {value:g} * {vec.meta.get('qvec.donor', 'vector')}")
+        out.print(f"wrote {output}: {receiver.name} + {value:g} * {vec.meta.get(META_DONOR, 'vector')}")
         return
     from ..selection import choose_donor
 

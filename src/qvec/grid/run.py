@@ -19,6 +19,18 @@ from pathlib import Path
 
 from ..checkpoint import atomic_path
 from ..errors import QvecError
+from ..models import ModelSpec
+from ..recipe import Recipe
+from ..schema import (
+    META_FINGERPRINT,
+    META_INCLUDE_IN_PROJ,
+    META_KIND,
+    META_MODEL,
+    META_QUANT,
+    META_RECIPE,
+    META_TASK,
+    META_TRAIN_SECONDS,
+)
 from .config import GridConfig
 from .executors import Executor, make_executor
 from .jobs import JobOutput
@@ -130,8 +142,6 @@ def _train_seconds(path: Path) -> float | None:
     """The training time a checkpoint's header records (``qvec.train_seconds``), without loading its tensors."""
     from safetensors import safe_open
 
-    from ..train import META_TRAIN_SECONDS
-
     try:
         with safe_open(str(path), framework="pt") as f:
             raw = (f.metadata() or {}).get(META_TRAIN_SECONDS)
@@ -168,8 +178,6 @@ def _header(path: Path) -> dict[str, str]:
 
 def _theta0_fingerprint(plan: Plan) -> str | None:
     """The backbone fingerprint every FT/QAT of the plan must carry (None while theta_0 is not there yet)."""
-    from ..checkpoint import META_FINGERPRINT
-
     cfg = plan.config
     if cfg.backbone == "hub":
         raise QvecError("adopting checkpoints needs a theta_0 file (backbone = 'pretrain' or a path), not 'hub'")
@@ -189,11 +197,6 @@ def _same_json(a: str | None, b: str | None) -> bool:
 
 def _matches(job: Job, meta: dict[str, str], theta0_fp: str | None) -> bool:
     """Does a checkpoint header record exactly this training job's inputs?"""
-    from ..checkpoint import META_FINGERPRINT, META_KIND, META_MODEL, META_QUANT, META_TASK
-    from ..models import ModelSpec
-    from ..recipe import Recipe
-    from ..train import META_INCLUDE_IN_PROJ, META_RECIPE
-
     p = job.params
     want, have = ModelSpec.from_json(p["model"]), meta.get(META_MODEL)
     if have is None:
@@ -229,7 +232,7 @@ def adopt_checkpoints(config: GridConfig, artifacts: str | Path, files: list[str
     training = [j for j in plan.jobs if j.kind in ("pretrain", "finetune")]
     metas = {Path(f): _header(Path(f)) for f in files}
     # theta_0 first: the FT/QAT checks need its fingerprint.
-    order = sorted(metas, key=lambda f: metas[f].get("qvec.kind") != "pretrained")
+    order = sorted(metas, key=lambda f: metas[f].get(META_KIND) != "pretrained")
     adopted = []
     for f in order:
         theta0_fp = _theta0_fingerprint(plan)
