@@ -33,6 +33,7 @@ from ..quant import apply_quantizer_, quantize_
 from ..rules import IMAGE_SIGNALS, SIGNALS, lam_key
 from ..selection import agreement, ptq_errors, reference, weight_errors, weight_score
 from ..vector import QuantVector
+from .params import BaselineParams, CellsParams, PipelineParams, ReceiverParams
 from .plan import (
     Job,
     baseline_items,
@@ -189,7 +190,7 @@ def _measure(s: _Slot, task, split: str, limit: int | None, batch_size: int, qua
     return r, t1 - t0, t2 - t1
 
 
-def _row(p: dict, key: str, kind: str, split: str, r, patch_s: float, ptq_s: float, *, donor: str = "",
+def _row(p: ReceiverParams, key: str, kind: str, split: str, r, patch_s: float, ptq_s: float, *, donor: str = "",
          lam: float | None = None, quant: dict | None = None) -> Result:
     q = quant_of({"quant": quant}) if quant else None
     inputs = {k: v for k, v in p.items() if k not in ("label", "known")}
@@ -202,7 +203,7 @@ def _row(p: dict, key: str, kind: str, split: str, r, patch_s: float, ptq_s: flo
     )
 
 
-def run_baseline(p: dict) -> list[Result]:
+def run_baseline(p: BaselineParams) -> list[Result]:
     """FT / pretrained in float, or FT+PTQ / QAT+PTQ / pretrained+PTQ at one bit-width, on the test split."""
     from ..tasks import get_task
 
@@ -229,7 +230,7 @@ def run_baseline(p: dict) -> list[Result]:
     return rows
 
 
-def run_cells(p: dict) -> list[Result]:
+def run_cells(p: CellsParams) -> list[Result]:
     """One (donor, receiver, bits) pair: at every lambda the validation accuracy and the label-free scores its
     rules need, then each rule's choice (lambda* among them), then the test split at 1 and at every choice.
 
@@ -292,7 +293,7 @@ def run_cells(p: dict) -> list[Result]:
     return rows
 
 
-def _references(b: EvalBench, s: _Slot, p: dict, task, ft_state) -> dict:
+def _references(b: EvalBench, s: _Slot, p: CellsParams, task, ft_state) -> dict:
     """The receiver's full-precision FT outputs on each image signal's probe (computed once per process)."""
     refs = {}
     for signal, src in p.get("signals", {}).items():
@@ -314,7 +315,7 @@ def _references(b: EvalBench, s: _Slot, p: dict, task, ft_state) -> dict:
     return refs
 
 
-def _signal(b: EvalBench, s: _Slot, p: dict, signal: str, refs: dict, ft_state, quant) -> dict[str, float]:
+def _signal(b: EvalBench, s: _Slot, p: CellsParams, signal: str, refs: dict, ft_state, quant) -> dict[str, float]:
     """One label-free signal of the (patched, quantized) model in the slot: see :mod:`qvec.selection`."""
     if signal in IMAGE_SIGNALS:
         return agreement(s.model, refs[signal], p["batch_size"] or 64)
@@ -326,7 +327,7 @@ def _signal(b: EvalBench, s: _Slot, p: dict, signal: str, refs: dict, ft_state, 
     raise QvecError(f"unknown signal {signal!r} in a cells job")
 
 
-def _score_row(p: dict, key: str, signal: str, measure: str, value: float, n: int, secs: float,
+def _score_row(p: CellsParams, key: str, signal: str, measure: str, value: float, n: int, secs: float,
                cost: tuple[float, float], lam: float) -> Result:
     q = quant_of(p)
     inputs = {k: v for k, v in p.items() if k not in ("label", "known")}
@@ -339,7 +340,7 @@ def _score_row(p: dict, key: str, signal: str, measure: str, value: float, n: in
                           default=str))
 
 
-def run_pipeline(p: dict) -> list[Result]:
+def run_pipeline(p: PipelineParams) -> list[Result]:
     """A registered quantizer other than RTN on the receiver's FT and QAT models and on FT + lam * tau_D for each
     donor, at lambda = 1 and at each rule's choice (re-derived from the cells' rows in ``known``, as the plan
     does), on the test split."""
@@ -382,7 +383,7 @@ def run_pipeline(p: dict) -> list[Result]:
     return rows
 
 
-def _calibration(b: EvalBench, s: _Slot, p: dict, task) -> torch.Tensor:
+def _calibration(b: EvalBench, s: _Slot, p: PipelineParams, task) -> torch.Tensor:
     """A calibrated pipeline's images, preprocessed for the slot's model: the receiver's unlabeled training inputs,
     noise, or a generic probe (cached per process)."""
     c = p["calib"]

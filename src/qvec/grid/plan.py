@@ -30,6 +30,7 @@ from ..quant import QuantSpec
 from ..rules import MEAN_DONOR, SIGNALS, LambdaRule, get_rule, lam_key, select_lambda, signals_of  # noqa: F401  (select_lambda: re-exported)
 from .artifacts import ArtifactStore, content_key, file_digest
 from .config import GridConfig
+from .params import BaselineParams, CellsParams, JobParams, PipelineParams
 
 KIND_ORDER = ("pretrain", "finetune", "vector", "baseline", "cells")
 FLOAT_BASELINES = ("ft", "pretrained")
@@ -38,13 +39,14 @@ PTQ_BASELINES = ("ft_ptq", "qat_ptq", "pretrained_ptq")
 
 @dataclass(frozen=True)
 class Job:
-    """One unit of work. ``params`` is JSON-able and holds everything a worker needs (absolute paths included)."""
+    """One unit of work. ``params`` is JSON-able and holds everything a worker needs (absolute paths included);
+    its keys per kind are typed in :mod:`qvec.grid.params`."""
 
     id: str
     kind: str
     key: str
     deps: tuple[str, ...] = ()
-    params: dict = field(default_factory=dict, hash=False, compare=False)
+    params: JobParams = field(default_factory=dict, hash=False, compare=False)  # type: ignore[assignment]
 
     @property
     def artifact(self) -> str | None:
@@ -321,7 +323,7 @@ def _pipeline_jobs(config: GridConfig, name: str, seeds: list, quants: dict, ft:
                 f, q = ft[(recv, None, seed)], qat[(recv, bits, seed)]
                 base = {k: v for k, v in mine[0].params.items()
                         if k not in ("donor", "vector", "vector_key", "label")}
-                params = {**base, "qat": q.params["out"], "qat_key": q.key,
+                params: PipelineParams = {**base, "qat": q.params["out"], "qat_key": q.key,  # type: ignore[misc]
                           name: g.config(name, quants[bits]).to_dict(), **({"calib": calib} if calib else {}),
                           "pairs": [{"donor": j.params["donor"], "vector": j.params["vector"],
                                      "vector_key": j.params["vector_key"]} for j in mine]}
@@ -386,7 +388,8 @@ def _cell_jobs(config: GridConfig, seeds: list, quants: dict, ft: dict[tuple, Jo
                 donors = [d for d in config.donors if d != recv or config.self_pairs]
                 for donor in donors + ([MEAN_DONOR] if config.rules.donor_mean else []):
                     vj = vec[(f"{MEAN_DONOR}->{recv}" if donor == MEAN_DONOR else donor, bits, seed)]
-                    params = {**eval_common, "donor": donor, "receiver": recv, "bits": bits, "seed": f.params["seed"],
+                    params: CellsParams = {
+                              **eval_common, "donor": donor, "receiver": recv, "bits": bits, "seed": f.params["seed"],
                               "quant": quants[bits].to_dict(), "receiver_ft": f.params["out"],
                               "receiver_ft_key": f.key, "vector": vj.params["out"], "vector_key": vj.key,
                               "lambdas": list(config.lambdas), "select_lambda": config.select_lambda,
@@ -398,109 +401,149 @@ def _cell_jobs(config: GridConfig, seeds: list, quants: dict, ft: dict[tuple, Jo
     return jobs
 
 
+@dataclass
+class _Build:
+    """What every stage of :func:`build_plan` shares: the config, the store, theta_0 and the per-seed loops."""
+
+    config: GridConfig
+    store: ArtifactStore
+    spec: ModelSpec
+    data_dir: Path | None
+    common: dict
+    seeds: list
+    quants: dict
+    theta0: dict = field(default_factory=dict)
+    theta0_deps: tuple = ()
+
+    @staticmethod
+    def suffix(seed: int | None) -> str:
+        return "" if seed is None else f"/s{seed}"
+
+
 def build_plan(config: GridConfig, artifacts_root: str | Path) -> Plan:
     """The full job graph of ``config`` (validated) against an artifact store; pure, does no work."""
-    from ..recipe import Recipe
     from ..tasks import resolve_data_dir
 
-    store = ArtifactStore(artifacts_root)
     spec: ModelSpec = config.model_spec()
     # Absolute, and $QVEC_DATA resolved here, so that workers on other processes read the same folder.
     data_dir = resolve_data_dir(config.data_path())
     data_dir = data_dir.resolve() if data_dir is not None else None
-    data_str = str(data_dir) if data_dir is not None else None
-    jobs: list[Job] = []
-    common = {"model": spec.to_json(), "data_dir": data_str, "include_in_proj": config.include_in_proj}
+    common = {"model": spec.to_json(), "data_dir": str(data_dir) if data_dir is not None else None,
+              "include_in_proj": config.include_in_proj}
+    ctx = _Build(config, ArtifactStore(artifacts_root), spec, data_dir, common, config.seeds or [None],
+                 {b: config.quant(b) for b in config.bits})
+    jobs = _theta0_jobs(ctx)
+    ft, qat = _training_jobs(ctx, jobs)
+    vec = _vector_jobs(ctx, ft, qat, jobs)
+    ev = config.eval
+    eval_common = {**common, "test_limit": ev.test_limit, "val_limit": ev.val_limit, "batch_size": ev.batch_size,
+                   "theta0_key": ctx.theta0["key"], "theta0": ctx.theta0["path"]}
+    jobs += _baseline_jobs(ctx, ft, qat, eval_common)
+    if config.rules.donor_mean:
+        jobs += _mean_vector_jobs(config, ctx.store, ctx.seeds, vec)
+    cells = _cell_jobs(config, ctx.seeds, ctx.quants, ft, vec, eval_common)
+    jobs += cells
+    for name in config.extra_quantizers:
+        jobs += _pipeline_jobs(config, name, ctx.seeds, ctx.quants, ft, qat, cells)
+    return Plan(config, ctx.store, jobs)
 
-    # theta_0
-    theta0_job: str | None = None
-    if config.backbone == "pretrain":
-        assert config.pretrain is not None
-        data_file = config.pretrain_file()
-        recipe = _recipe(Recipe.for_pretraining(spec, config.profile), config.pretrain.recipe)
-        key = content_key("pretrain", {"model": spec.to_json(), "data": file_digest(data_file),
-                                       "recipe": recipe.to_json()})
-        out = store.path("pretrain", key)
-        theta0_job = f"pretrain/{spec.name}"
-        jobs.append(Job(theta0_job, "pretrain", key, (), {
-            **common, "data_file": str(data_file), "recipe": recipe.to_json(), "out": str(out),
-            "label": f"pretrain {spec} on {data_file.name}"}))
-        theta0 = {"key": key, "path": str(out)}
-    elif config.backbone == "hub":
-        theta0 = {"key": content_key("hub", {"model": spec.to_json()}), "path": None}
-    else:
+
+def _theta0_jobs(ctx: _Build) -> list[Job]:
+    """theta_0: a pretraining job, the family's hub weights, or a weights file (sets ``ctx.theta0``)."""
+    from ..recipe import Recipe
+
+    config, spec = ctx.config, ctx.spec
+    if config.backbone == "hub":
+        ctx.theta0 = {"key": content_key("hub", {"model": spec.to_json()}), "path": None}
+        return []
+    if config.backbone != "pretrain":
         path = config.resolve_path(config.backbone)
-        theta0 = {"key": file_digest(path), "path": str(path)}
-    theta0_deps = (theta0_job,) if theta0_job else ()
+        ctx.theta0 = {"key": file_digest(path), "path": str(path)}
+        return []
+    assert config.pretrain is not None
+    data_file = config.pretrain_file()
+    recipe = _recipe(Recipe.for_pretraining(spec, config.profile), config.pretrain.recipe)
+    key = content_key("pretrain", {"model": spec.to_json(), "data": file_digest(data_file),
+                                   "recipe": recipe.to_json()})
+    out = ctx.store.path("pretrain", key)
+    job = Job(f"pretrain/{spec.name}", "pretrain", key, (), {
+        **ctx.common, "data_file": str(data_file), "recipe": recipe.to_json(), "out": str(out),
+        "label": f"pretrain {spec} on {data_file.name}"})
+    ctx.theta0, ctx.theta0_deps = {"key": key, "path": str(out)}, (job.id,)
+    return [job]
 
-    seeds = config.seeds or [None]
-    quants = {b: config.quant(b) for b in config.bits}
-    task_ids = {t: _task_identity(t, data_dir) for t in config.all_tasks}
+
+def _training_jobs(ctx: _Build, jobs: list[Job]) -> tuple[dict[tuple, Job], dict[tuple, Job]]:
+    """Per (task, seed): FT, and QAT at every bit-width; appended to ``jobs`` and returned by (task, bits, seed)."""
+    from ..recipe import Recipe
+
+    config, spec = ctx.config, ctx.spec
+    task_ids = {t: _task_identity(t, ctx.data_dir) for t in config.all_tasks}
     ft: dict[tuple, Job] = {}
     qat: dict[tuple, Job] = {}
-    for seed in seeds:
-        sfx = "" if seed is None else f"/s{seed}"
+    for seed in ctx.seeds:
+        sfx = ctx.suffix(seed)
         for task in config.all_tasks:
             base = Recipe.for_task(task, spec, config.profile)
             recipe = _recipe(base, config.recipe, config.task_recipes.get(task, {}))
             if seed is not None:
                 recipe = recipe.override(seed=seed)
             for bits in [None, *config.bits]:
-                q = quants[bits].to_dict() if bits is not None else None
-                inputs = {"model": spec.to_json(), "theta0": theta0["key"], "task": task, "data": task_ids[task],
+                q = ctx.quants[bits].to_dict() if bits is not None else None
+                inputs = {"model": spec.to_json(), "theta0": ctx.theta0["key"], "task": task, "data": task_ids[task],
                           "recipe": recipe.to_json(), "qat": q,
                           "in_proj": config.qat_in_proj() if q else None}
                 key = content_key("finetune", inputs)
                 kind_name = "ft" if bits is None else f"qat/w{bits}"
-                job = Job(f"{kind_name}/{task}{sfx}", "finetune", key, theta0_deps, {
-                    **common, "include_in_proj": config.qat_in_proj(), "task": task, "recipe": recipe.to_json(),
-                    "init": theta0["path"], "qat": q,
-                    "seed": recipe.seed, "bits": bits, "out": str(store.path("finetune", key)),
+                job = Job(f"{kind_name}/{task}{sfx}", "finetune", key, ctx.theta0_deps, {
+                    **ctx.common, "include_in_proj": config.qat_in_proj(), "task": task, "recipe": recipe.to_json(),
+                    "init": ctx.theta0["path"], "qat": q,
+                    "seed": recipe.seed, "bits": bits, "out": str(ctx.store.path("finetune", key)),
                     "label": f"{'FT' if bits is None else f'QAT w{bits}'} {task}{sfx}"})
                 jobs.append(job)
                 (ft if bits is None else qat)[(task, bits, seed)] = job
+    return ft, qat
 
+
+def _vector_jobs(ctx: _Build, ft: dict, qat: dict, jobs: list[Job]) -> dict[tuple, Job]:
+    """Per (donor, bits, seed): tau = theta_QAT - theta_FT; appended to ``jobs`` and returned by that key."""
     vec: dict[tuple, Job] = {}
-    for seed in seeds:
-        sfx = "" if seed is None else f"/s{seed}"
-        for bits in config.bits:
-            for donor in config.donors:
+    for seed in ctx.seeds:
+        sfx = ctx.suffix(seed)
+        for bits in ctx.config.bits:
+            for donor in ctx.config.donors:
                 f, q = ft[(donor, None, seed)], qat[(donor, bits, seed)]
                 key = content_key("vector", {"ft": f.key, "qat": q.key})
                 job = Job(f"vector/w{bits}/{donor}{sfx}", "vector", key, (f.id, q.id), {
-                    "ft": f.params["out"], "qat": q.params["out"], "out": str(store.path("vector", key)),
+                    "ft": f.params["out"], "qat": q.params["out"], "out": str(ctx.store.path("vector", key)),
                     "label": f"vector w{bits} {donor}{sfx}"})
                 jobs.append(job)
                 vec[(donor, bits, seed)] = job
+    return vec
 
-    ev = config.eval
-    eval_common = {**common, "test_limit": ev.test_limit, "val_limit": ev.val_limit, "batch_size": ev.batch_size,
-                   "theta0_key": theta0["key"], "theta0": theta0["path"]}
-    for seed in seeds:
-        sfx = "" if seed is None else f"/s{seed}"
-        for recv in config.receivers:
+
+def _baseline_jobs(ctx: _Build, ft: dict, qat: dict, eval_common: dict) -> list[Job]:
+    """Per receiver: the float baselines, and the PTQ baselines at every bit-width."""
+    jobs = []
+    for seed in ctx.seeds:
+        sfx = ctx.suffix(seed)
+        for recv in ctx.config.receivers:
             f = ft[(recv, None, seed)]
             base = {**eval_common, "receiver": recv, "seed": f.params["seed"], "receiver_ft": f.params["out"],
                     "receiver_ft_key": f.key}
             key = content_key("baseline", {**base, "kinds": FLOAT_BASELINES})
-            jobs.append(Job(f"baseline/float/{recv}{sfx}", "baseline", key, (*theta0_deps, f.id), {
+            jobs.append(Job(f"baseline/float/{recv}{sfx}", "baseline", key, (*ctx.theta0_deps, f.id), {
                 **base, "kinds": list(FLOAT_BASELINES), "bits": None, "quant": None,
                 "label": f"baselines float {recv}{sfx}"}))
-            for bits in config.bits:
+            for bits in ctx.config.bits:
                 q = qat[(recv, bits, seed)]
-                params = {**base, "kinds": list(PTQ_BASELINES), "bits": bits, "quant": quants[bits].to_dict(),
+                params: BaselineParams = {
+                          **base, "kinds": list(PTQ_BASELINES), "bits": bits, "quant": ctx.quants[bits].to_dict(),
                           "qat": q.params["out"], "qat_key": q.key, "label": f"baselines w{bits} {recv}{sfx}"}
                 key = content_key("baseline", {k: v for k, v in params.items() if k != "label"})
-                jobs.append(Job(f"baseline/w{bits}/{recv}{sfx}", "baseline", key, (*theta0_deps, f.id, q.id),
-                                params))
-
-    if config.rules.donor_mean:
-        jobs += _mean_vector_jobs(config, store, seeds, vec)
-    cells = _cell_jobs(config, seeds, quants, ft, vec, eval_common)
-    jobs += cells
-    for name in config.extra_quantizers:
-        jobs += _pipeline_jobs(config, name, seeds, quants, ft, qat, cells)
-    return Plan(config, store, jobs)
+                jobs.append(Job(f"baseline/w{bits}/{recv}{sfx}", "baseline", key,
+                                (*ctx.theta0_deps, f.id, q.id), params))
+    return jobs
 
 
 def _probe_identity(path: Path) -> str:
