@@ -274,6 +274,19 @@ class GridConfig:
             self.donors = list(self.tasks)
         if not self.receivers:
             self.receivers = list(self.tasks)
+        self._validate_grid()
+        self._validate_eval()
+        self._validate_rules()
+        self._validate_quantizers()
+        self._validate_backbone()
+        self._validate_recipes()
+        if check_tasks:
+            self._validate_tasks()
+        return self
+
+    def _validate_grid(self) -> None:
+        """Bit-widths (the integer grid itself is QuantSpec's to check), the lambda grid and the seeds."""
+        src = self.source
         if not self.bits:
             raise QvecError(f"{src}: bits is empty; give at least one bit-width (2..8)")
         for b in self.bits:
@@ -297,6 +310,9 @@ class GridConfig:
         for s in self.seeds:
             if isinstance(s, bool) or not isinstance(s, int) or s < 0:
                 raise QvecError(f"{src}: seeds must be non-negative integers, got {s!r}")
+
+    def _validate_eval(self) -> None:
+        src = self.source
         ev = self.eval
         for key in ("val_limit", "test_limit"):
             v = getattr(ev, key)
@@ -308,13 +324,6 @@ class GridConfig:
         if ev.batch_size is not None and (isinstance(ev.batch_size, bool) or not isinstance(ev.batch_size, int)
                                           or ev.batch_size < 1):
             raise QvecError(f"{src}: eval.batch_size must be a positive integer, got {ev.batch_size!r}")
-        self._validate_rules()
-        self._validate_quantizers()
-        self._validate_backbone()
-        self._validate_recipes()
-        if check_tasks:
-            self._validate_tasks()
-        return self
 
     def _adapter(self):
         from ..models import get_adapter

@@ -283,7 +283,14 @@ def run_cells(p: CellsParams) -> list[Result]:
                 rows.append(_score_row(p, sk[(metric, lam_key(lam))], signal, measure, value, n, secs, cost, lam))
                 scores.setdefault(metric, {})[lam] = value
     choices = pair_choices(pair_rules(p), val, scores)
-    for lam in lambdas_on_test(p, choices):
+    return rows + _test_choices(b, s, p, task, ft_state, vec, quant, lambdas_on_test(p, choices), known)
+
+
+def _test_choices(b: EvalBench, s: _Slot, p: CellsParams, task, ft_state, vec, quant, lams, known
+                  ) -> list[Result]:
+    """The test split at lambda = 1 and at every rule's choice (those not already known)."""
+    rows = []
+    for lam in lams:
         key = cell_key(p, lam, "test")
         if key in known:
             continue
