@@ -76,6 +76,8 @@ def test_probes_from_folder_npz_and_noise(tmp_path):
         Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(folder / f"{i}.png")
     p = load_probe(folder, 10)
     assert len(p) == 3 and p.images.dtype == torch.uint8 and p.images.shape[-1] == p.images.shape[-2] == 30
+    # images resized a second time (to the smallest side) keep their 0..255 range: noise has a mean near 127
+    assert all(60 < float(im.float().mean()) < 200 for im in p.images)
     np.savez(tmp_path / "x.npz", x=rng.integers(0, 255, (20, 16, 16, 1), dtype=np.uint8))
     q = load_probe(tmp_path / "x.npz", 8)
     assert q.images.shape == (8, 3, 16, 16)

@@ -98,8 +98,6 @@ def _from_npz(path: Path) -> torch.Tensor:
 def _from_folder(path: Path, n: int, seed: int) -> torch.Tensor:
     from PIL import Image
 
-    from .tasks import resize_batch
-
     files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
         raise QvecError(f"{path}: no images in this probe folder (looked for {', '.join(IMAGE_SUFFIXES)})")
@@ -113,11 +111,16 @@ def _from_folder(path: Path, n: int, seed: int) -> torch.Tensor:
         except OSError as e:
             raise QvecError(f"{f}: not a readable image ({e})") from None
         x = _check_images(torch.from_numpy(a.copy()).permute(2, 0, 1)[None], str(f))
-        side = min(FOLDER_SIDE, *x.shape[-2:])
-        out.append(resize_batch(x.float().div_(255.0), side).mul_(255.0).round_().to(torch.uint8))
+        out.append(_resized_uint8(x, min(FOLDER_SIDE, *x.shape[-2:])))
     side = min(int(x.shape[-1]) for x in out)
-    return torch.cat([resize_batch(x.float(), side).round_().to(torch.uint8) if x.shape[-1] != side else x
-                      for x in out])
+    return torch.cat([_resized_uint8(x, side) if x.shape[-1] != side else x for x in out])
+
+
+def _resized_uint8(x: torch.Tensor, side: int) -> torch.Tensor:
+    """uint8 images resized to ``side`` x ``side``, through [0, 1] floats (the range resize_batch clamps to)."""
+    from .tasks import resize_batch
+
+    return resize_batch(x.float().div_(255.0), side).mul_(255.0).round_().to(torch.uint8)
 
 
 def load_probe(source: str | Path | ProbeSet, n: int = 1000, *, seed: int = 0, noise_size: int = 32) -> ProbeSet:
