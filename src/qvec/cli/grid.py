@@ -5,6 +5,7 @@ Each command is one call into :mod:`qvec.grid` plus printing.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
@@ -13,6 +14,7 @@ from rich.console import Console
 
 from ..errors import QvecError
 from . import app
+from .options import takes
 
 out = Console()
 err = Console(stderr=True)
@@ -64,6 +66,11 @@ def _executor(name: str, address: str | None, workers: int | None, progress: boo
                          threads=threads)
 
 
+def _log(quiet: bool):
+    """Where a grid run's per-job lines go: stderr, or nowhere with --quiet."""
+    return None if quiet else lambda m: err.print(m, highlight=False)
+
+
 NameOpt = Annotated[str | None, typer.Option("--name", help="Study name (default: the config file's stem).")]
 ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="Model (family:name), e.g. qvec:vit-mini.")]
 TasksOpt = Annotated[str | None, typer.Option("--tasks", help="Comma-separated tasks (donors and receivers).")]
@@ -73,66 +80,93 @@ BackboneOpt = Annotated[str | None, typer.Option("--backbone", help="pretrain, h
 GpusOpt = Annotated[float, typer.Option("--gpus-per-job", help="Ray: GPUs reserved per job (e.g. 1 on GPU nodes).")]
 
 
+@dataclass(frozen=True)
+class StudyFlags:
+    """The options of ``qvec grid run`` and ``qvec grid plan`` that say which study and where its files are."""
+
+    db: Db = None
+    artifacts: Artifacts = None
+    data: DataDir = None
+    workdir: Workdir = Path("runs")
+    name: NameOpt = None
+    model: ModelOpt = None
+    tasks: TasksOpt = None
+    bits: BitsOpt = None
+    lambdas: LambdasOpt = None
+    backbone: BackboneOpt = None
+
+    def load(self, config: Path | None):
+        """The grid config, with these flags overriding its fields."""
+        return _load(config, self.data, self.name, self.model, self.tasks, self.bits, self.lambdas, self.backbone)
+
+    def paths(self, cfg) -> tuple[Path, Path]:
+        """The results database and artifact folder: the flags', else the defaults under --workdir."""
+        from ..grid import default_paths
+
+        d_db, d_art = default_paths(cfg, self.workdir)
+        return self.db or d_db, self.artifacts or d_art
+
+
+@dataclass(frozen=True)
+class RunnerFlags:
+    """The options of the ready-made studies (``qvec demo``, ``qvec reproduce``) that say how jobs run."""
+
+    executor: ExecutorOpt = "local"
+    address: Address = None
+    workers: Workers = None
+    threads: Threads = None
+    quiet: Quiet = False
+
+    def make_executor(self):
+        return _executor(self.executor, self.address, self.workers, progress=not self.quiet, threads=self.threads)
+
+    @property
+    def log(self):
+        return _log(self.quiet)
+
+
 @grid_app.command("run")
+@takes(study=StudyFlags)
 def grid_run(
     config: Config = None,
     executor: ExecutorOpt = "local",
     address: Address = None,
     workers: Workers = None,
-    db: Db = None,
-    artifacts: Artifacts = None,
-    data: DataDir = None,
-    workdir: Workdir = Path("runs"),
-    name: NameOpt = None,
-    model: ModelOpt = None,
-    tasks: TasksOpt = None,
-    bits: BitsOpt = None,
-    lambdas: LambdasOpt = None,
-    backbone: BackboneOpt = None,
+    study: StudyFlags = StudyFlags(),
     gpus_per_job: GpusOpt = 0,
     threads: Threads = None,
     quiet: Quiet = False,
 ) -> None:
     """Run (or resume) a donor x receiver grid; finished jobs are never repeated."""
-    from ..grid import default_paths, run_grid
+    from ..grid import run_grid
 
     ex = _executor(executor, address, workers, not quiet, gpus_per_job, threads)  # bad flags fail first
-    cfg = _load(config, data, name, model, tasks, bits, lambdas, backbone)
-    d_db, d_art = default_paths(cfg, workdir)
-    summary = run_grid(cfg, db=db or d_db, artifacts=artifacts or d_art, executor=ex,
-                       log=None if quiet else lambda m: err.print(m, highlight=False))
+    cfg = study.load(config)
+    db, artifacts = study.paths(cfg)
+    summary = run_grid(cfg, db=db, artifacts=artifacts, executor=ex, log=_log(quiet))
     out.print(f"study {summary.study}: {summary.executed} jobs run, {summary.skipped} already done, "
               f"{summary.new_rows} new results in {summary.seconds:.0f}s -> {summary.db}")
 
 
 @grid_app.command("plan")
+@takes(study=StudyFlags)
 def grid_plan(
     config: Config = None,
-    db: Db = None,
-    artifacts: Artifacts = None,
-    data: DataDir = None,
-    workdir: Workdir = Path("runs"),
-    name: NameOpt = None,
-    model: ModelOpt = None,
-    tasks: TasksOpt = None,
-    bits: BitsOpt = None,
-    lambdas: LambdasOpt = None,
-    backbone: BackboneOpt = None,
+    study: StudyFlags = StudyFlags(),
     as_json: Annotated[bool, typer.Option("--json", help="Print the graph as JSON.")] = False,
 ) -> None:
     """Print the job graph of a grid (and, with an existing database, which jobs are done)."""
-    from ..grid import build_plan, default_paths, describe_plan, job_status
+    from ..grid import build_plan, describe_plan, job_status
     from ..grid.plan import plan_json
     from ..grid.store import ResultStore
 
-    cfg = _load(config, data, name, model, tasks, bits, lambdas, backbone)
-    d_db, d_art = default_paths(cfg, workdir)
-    plan = build_plan(cfg, artifacts or d_art)
+    cfg = study.load(config)
+    db_path, artifacts = study.paths(cfg)
+    plan = build_plan(cfg, artifacts)
     if as_json:
         print(plan_json(plan))
         return
     status = None
-    db_path = db or d_db
     if db_path.is_file():
         with ResultStore(db_path, create=False) as store:
             status = job_status(plan, store)
@@ -152,16 +186,16 @@ def grid_theory(
 ) -> None:
     """Check Proposition 1 on a study: predicted lambda* and recovery with H = I and H = the receiver's diagonal
     Fisher, against the measured ones (Spearman). Uses the receiver's own QAT and data: not a zero-shot rule."""
-    from ..grid import default_paths
     from ..grid.theory import fisher_check
 
     if examples < 1:
         raise QvecError(f"--examples must be at least 1, got {examples}")
-    cfg = _load(config, data, None, None, None, None, None, None)
-    d_db, d_art = default_paths(cfg, workdir)
-    if not (db or d_db).is_file():
-        raise QvecError(f"{db or d_db}: no such results database; run the study first")
-    chk = fisher_check(cfg, db or d_db, artifacts or d_art, bits, examples=examples, out_dir=output)
+    study = StudyFlags(db=db, artifacts=artifacts, data=data, workdir=workdir)
+    cfg = study.load(config)
+    db, artifacts = study.paths(cfg)
+    if not db.is_file():
+        raise QvecError(f"{db}: no such results database; run the study first")
+    chk = fisher_check(cfg, db, artifacts, bits, examples=examples, out_dir=output)
     out.print(f"{chk.pairs} pairs at {bits}-bit; Spearman(λ pred, λ*): H=I {chk.rho_lam['I']:+.2f}, "
               f"Fisher {chk.rho_lam['Fisher']:+.2f}; Spearman(cos², recovery): H=I {chk.rho_recovery['I']:+.2f}, "
               f"Fisher {chk.rho_recovery['Fisher']:+.2f} -> {output / f'theory_w{bits}.md'}")
@@ -177,11 +211,11 @@ def grid_adopt(
 ) -> None:
     """Reuse checkpoints trained outside the grid: each is checked against a training job's inputs (model, task,
     kind, quantizer, recipe, theta_0) and copied where the grid expects it."""
-    from ..grid import default_paths
     from ..grid.run import adopt_checkpoints
 
-    cfg = _load(config, data, None, None, None, None, None, None)
-    for f, job in adopt_checkpoints(cfg, artifacts or default_paths(cfg, workdir)[1], files):
+    study = StudyFlags(artifacts=artifacts, data=data, workdir=workdir)
+    cfg = study.load(config)
+    for f, job in adopt_checkpoints(cfg, study.paths(cfg)[1], files):
         out.print(f"{f} -> {job}")
 
 
@@ -233,25 +267,22 @@ def _print_study(run) -> None:
 
 
 @app.command("demo")
+@takes(runner=RunnerFlags)
 def demo_cmd(
     data: Annotated[Path | None, typer.Option("--data", "-d", help="Use the real tasks of this folder instead of "
                                               "the generated suite.")] = None,
     workdir: Annotated[Path, typer.Option("--workdir", help="Where everything goes.")] = Path("runs/demo"),
-    executor: ExecutorOpt = "local",
-    address: Address = None,
-    workers: Workers = None,
-    threads: Threads = None,
-    quiet: Quiet = False,
+    runner: RunnerFlags = RunnerFlags(),
 ) -> None:
     """A small end-to-end study (about 9 minutes on 2 idle CPU cores), no network or data folder needed."""
     from ..grid.studies import run_demo
 
-    run = run_demo(workdir, data, _executor(executor, address, workers, progress=not quiet, threads=threads),
-                   log=None if quiet else lambda m: err.print(m, highlight=False))
+    run = run_demo(workdir, data, runner.make_executor(), log=runner.log)
     _print_study(run)
 
 
 @reproduce_app.command("mini")
+@takes(runner=RunnerFlags)
 def reproduce_mini_cmd(
     data: DataDir = None,
     workdir: Annotated[Path, typer.Option("--workdir", help="Database and artifacts.")] = Path("runs/mini"),
@@ -259,22 +290,17 @@ def reproduce_mini_cmd(
                                                 "the config's name).")] = None,
     config: Annotated[Path | None, typer.Option("--config", help="Config (default: configs/mini.toml; "
                                                 "configs/mini-quality.toml for the quality recipes).")] = None,
-    executor: ExecutorOpt = "local",
-    address: Address = None,
-    workers: Workers = None,
-    threads: Threads = None,
-    quiet: Quiet = False,
+    runner: RunnerFlags = RunnerFlags(),
 ) -> None:
     """The CPU-scale replication on the 7 local tasks at 3, 2 and 4 bits (about 70 minutes on 2 cores)."""
     from ..grid.studies import reproduce_mini
 
-    run = reproduce_mini(data, workdir, output, config,
-                         _executor(executor, address, workers, progress=not quiet, threads=threads),
-                         log=None if quiet else lambda m: err.print(m, highlight=False))
+    run = reproduce_mini(data, workdir, output, config, runner.make_executor(), log=runner.log)
     _print_study(run)
 
 
 @reproduce_app.command("dinov2-s")
+@takes(runner=RunnerFlags)
 def reproduce_dinov2_cmd(
     data: DataDir = None,
     weights: Annotated[Path | None, typer.Option("--weights", help="The DINOv2 ViT-S/14 backbone file (timm "
@@ -285,16 +311,11 @@ def reproduce_dinov2_cmd(
                                                 "results/<study>).")] = None,
     config: Annotated[Path | None, typer.Option("--config", help="Config (default: configs/dinov2-s.toml; "
                                                 "configs/dinov2-s-gpu.toml is the GPU study).")] = None,
-    executor: ExecutorOpt = "local",
-    address: Address = None,
-    workers: Workers = None,
-    threads: Threads = None,
-    quiet: Quiet = False,
+    runner: RunnerFlags = RunnerFlags(),
 ) -> None:
     """The paper's study on the real DINOv2 ViT-S/14 backbone, sized for 2 CPU cores (resumable)."""
     from ..grid.studies import reproduce_study
 
-    run = reproduce_study("dinov2-s", data, workdir, output, config,
-                          _executor(executor, address, workers, progress=not quiet, threads=threads),
-                          log=None if quiet else lambda m: err.print(m, highlight=False), backbone=weights)
+    run = reproduce_study("dinov2-s", data, workdir, output, config, runner.make_executor(), log=runner.log,
+                          backbone=weights)
     _print_study(run)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated
 
@@ -21,6 +21,7 @@ from ..tasks import get_task, resolve_data_dir, task_summaries
 from ..train import finetune as _finetune
 from ..train import pretrain as _pretrain
 from . import app
+from .options import takes
 
 out = Console()
 
@@ -73,6 +74,26 @@ def _recipe(base: Recipe, recipe_file: Path | None, profile: str | None = None, 
     return base.override(**overrides)
 
 
+@dataclass(frozen=True)
+class RecipeFlags:
+    """The options ``qvec pretrain`` and ``qvec finetune`` share: recipe overrides, threads and the progress bar."""
+
+    epochs: Epochs = None
+    lr: Lr = None
+    batch_size: Batch = None
+    warmup: Warmup = None
+    seed: Seed = None
+    train_limit: Limit = None
+    recipe: RecipeFile = None
+    threads: Threads = None
+    quiet: Quiet = False
+
+    def recipe_for(self, base: Recipe, profile: str | None) -> Recipe:
+        """The profile's recipe ``base`` (or the --recipe file's) with the override flags applied."""
+        return _recipe(base, self.recipe, profile, epochs=self.epochs, lr=self.lr, batch_size=self.batch_size,
+                       warmup_steps=self.warmup, seed=self.seed, train_limit=self.train_limit)
+
+
 def _model_spec(name: str, pretrained: str | None = None, img_size: int | None = None) -> ModelSpec:
     """Parse --model (and --pretrained, a family's weights tag such as OpenCLIP's ``openai``, and --img-size, the
     input size a ViT is built for)."""
@@ -97,32 +118,25 @@ def tasks_cmd(data: DataDir = None) -> None:
 
 
 @app.command()
+@takes(flags=RecipeFlags)
 def pretrain(
     data_file: Annotated[Path, typer.Option("--data-file", help="JPEG corpus .npz (pretrain_cifar10.npz).")],
     output: Output,
     model: Annotated[str, typer.Option("--model", "-m", help="Built-in small ViT.")] = "vit-mini",
     profile: Profile = None,
     device: Device = "auto",
-    epochs: Epochs = None,
-    lr: Lr = None,
-    batch_size: Batch = None,
-    warmup: Warmup = None,
-    seed: Seed = None,
-    train_limit: Limit = None,
-    recipe: RecipeFile = None,
-    threads: Threads = None,
-    quiet: Quiet = False,
+    flags: RecipeFlags = RecipeFlags(),
 ) -> None:
     """Pretrain theta_0 (the shared backbone) on a JPEG corpus; resumable (rerun the same command)."""
-    _set_threads(threads)
+    _set_threads(flags.threads)
     spec = _model_spec(model)
-    r = _recipe(Recipe.for_pretraining(spec, profile), recipe, profile, epochs=epochs, lr=lr, batch_size=batch_size,
-                warmup_steps=warmup, seed=seed, train_limit=train_limit)
-    ck = _pretrain(spec, data_file, r, output, progress=not quiet, device=device)
+    r = flags.recipe_for(Recipe.for_pretraining(spec, profile), profile)
+    ck = _pretrain(spec, data_file, r, output, progress=not flags.quiet, device=device)
     _report_training(ck, output)
 
 
 @app.command()
+@takes(flags=RecipeFlags)
 def finetune(
     model: Annotated[str, typer.Option("--model", "-m", help="Architecture (vit-mini, timm:NAME, ...).")],
     task: Task,
@@ -144,27 +158,18 @@ def finetune(
     in_proj: InProj = True,
     ptq_log: Annotated[bool, typer.Option("--ptq-log", help="FT: also log val accuracy after PTQ.")] = False,
     data: DataDir = None,
-    epochs: Epochs = None,
-    lr: Lr = None,
-    batch_size: Batch = None,
-    warmup: Warmup = None,
-    seed: Seed = None,
-    train_limit: Limit = None,
-    recipe: RecipeFile = None,
-    threads: Threads = None,
-    quiet: Quiet = False,
+    flags: RecipeFlags = RecipeFlags(),
 ) -> None:
     """Fine-tune from theta_0: FT, or QAT with --qat (same recipe and seed); resumable (rerun the same command)."""
-    _set_threads(threads)
+    _set_threads(flags.threads)
     spec = _model_spec(model, pretrained, img_size)
     t = get_task(task, data)
     q = QuantSpec(bits=bits, granularity=granularity, group_size=group_size)  # type: ignore[arg-type]
-    r = _recipe(Recipe.for_task(t.name, spec, profile), recipe, profile, epochs=epochs, lr=lr, batch_size=batch_size,
-                warmup_steps=warmup, seed=seed, train_limit=train_limit)
-    if epochs is not None:  # an explicit --epochs is exact
+    r = flags.recipe_for(Recipe.for_task(t.name, spec, profile), profile)
+    if flags.epochs is not None:  # an explicit --epochs is exact
         r = replace(r, min_examples=None)
     ck = _finetune(spec, t, r, output, init=init, qat=q if qat else None, include_in_proj=in_proj,
-                   eval_quant=q if (qat or ptq_log) else None, progress=not quiet, device=device,
+                   eval_quant=q if (qat or ptq_log) else None, progress=not flags.quiet, device=device,
                    weights=weights)
     _report_training(ck, output)
 
