@@ -23,8 +23,8 @@ from .quant import QuantSpec, quantize_
 from .tasks import Task
 
 SMALL_VIT_MEAN = (0.5, 0.5, 0.5)
-# Default evaluation batch: on CPU small batches keep activations in cache (vit-mini, 1 thread: 600 img/s at 64,
-# 390 img/s at 512); on a GPU large batches fill the device.
+# Default evaluation batch: on CPU small batches keep activations in cache and run faster than large ones
+# (docs/training.md, "Training and evaluation throughput"); on a GPU large batches fill the device.
 CPU_EVAL_BATCH = 64
 GPU_EVAL_BATCH = 512
 
@@ -95,6 +95,48 @@ def _num_outputs(model: nn.Module) -> int | None:
     return int(n) if isinstance(n, int) and n > 0 else None
 
 
+def _input_config(model: nn.Module, task: Task, config: DataConfig | ModelSpec | None) -> DataConfig:
+    """The model's input configuration (given, resolved from a ModelSpec, or inferred); its head must fit ``task``."""
+    if isinstance(config, ModelSpec):
+        config = get_adapter(config).data_config(config, model)
+    config = config or infer_data_config(model)
+    nout = _num_outputs(model)
+    if nout is not None and nout != task.num_classes:
+        raise QvecError(f"the model has a head for {nout} classes but task {task.name!r} has {task.num_classes}")
+    return config
+
+
+def _batches(ds, n: int, batch_size: int, cached: torch.Tensor | None, config: DataConfig):
+    """``(start, end, images)`` of the first ``n`` examples of ``ds`` in batches: slices of the cached split tensor,
+    or preprocessed batch by batch when the split was too large to cache."""
+    for s in range(0, n, batch_size):
+        e = min(s + batch_size, n)
+        if cached is not None:
+            x = cached[s:e]
+        else:
+            from .tasks import normalize
+
+            x = normalize(ds.load(range(s, e), config.image_size, config.interpolation), config.mean, config.std)
+        yield s, e, x
+
+
+@contextlib.contextmanager
+def _progress_bar(enabled: bool, title: str, total: int):
+    """A transient rich progress bar while the block runs; yields its ``advance(k)`` (a no-op when not enabled)."""
+    if not enabled:
+        yield lambda k: None
+        return
+    from rich.progress import Progress
+
+    bar = Progress(transient=True)
+    try:
+        bar.start()
+        job = bar.add_task(title, total=total)
+        yield lambda k: bar.update(job, advance=k)
+    finally:
+        bar.stop()
+
+
 def evaluate(
     model: nn.Module,
     task: Task,
@@ -112,12 +154,7 @@ def evaluate(
     inferred from the model. ``batch_size`` defaults to 64 on CPU (faster than large batches there) and 512 on a
     GPU. The model is put in eval mode for the call and its previous mode restored.
     """
-    if isinstance(config, ModelSpec):
-        config = get_adapter(config).data_config(config, model)
-    config = config or infer_data_config(model)
-    nout = _num_outputs(model)
-    if nout is not None and nout != task.num_classes:
-        raise QvecError(f"the model has a head for {nout} classes but task {task.name!r} has {task.num_classes}")
+    config = _input_config(model, task, config)
     ds = task.split(split)  # type: ignore[arg-type]
     if limit is not None and (isinstance(limit, bool) or limit < 1):
         raise QvecError(f"limit must be a positive number of images, got {limit}")
@@ -131,33 +168,15 @@ def evaluate(
     if batch_size is None:
         batch_size = GPU_EVAL_BATCH if device.type == "cuda" else CPU_EVAL_BATCH
     correct = 0
-    bar = None
     t0 = time.perf_counter()
     try:
-        if progress:
-            from rich.progress import Progress
-
-            bar = Progress(transient=True)
-            bar.start()
-            job = bar.add_task(f"eval {task.name}/{split}", total=n)
-        with torch.inference_mode():
-            for s in range(0, n, batch_size):
-                e = min(s + batch_size, n)
-                if cached is not None:
-                    x = cached[s:e]
-                else:
-                    from .tasks import normalize
-
-                    x = normalize(ds.load(range(s, e), config.image_size, config.interpolation),
-                                  config.mean, config.std)
+        with _progress_bar(progress, f"eval {task.name}/{split}", n) as advance, torch.inference_mode():
+            for s, e, x in _batches(ds, n, batch_size, cached, config):
                 with autocast_for(device):
                     pred = model(x.to(device, non_blocking=True)).argmax(dim=-1)
                 correct += int((pred == labels[s:e]).sum())
-                if bar is not None:
-                    bar.update(job, advance=e - s)
+                advance(e - s)
     finally:
-        if bar is not None:
-            bar.stop()
         model.train(was_training)
     secs = time.perf_counter() - t0
     return EvalResult(correct / n if n else 0.0, correct, n, secs)

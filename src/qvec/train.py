@@ -218,103 +218,124 @@ def _progress(enabled: bool, total_steps: int, done_steps: int, title: str):
     return bar, job
 
 
-def _train(job: _Job, resume: bool = True, on_epoch: Callable[[int], None] | None = None) -> Checkpoint:
-    model, recipe, task = job.model, job.recipe, job.task
+@dataclass
+class _Plan:
+    """The shape of one training run: its examples, input configuration and schedule length."""
+
+    train_split: TaskSplit
+    n: int  # training examples used (the first ``train_limit`` of the split)
+    config: DataConfig
+    steps_per_epoch: int
+    epochs: int
+
+    @property
+    def total(self) -> int:
+        return self.steps_per_epoch * self.epochs
+
+
+def _plan(job: _Job) -> _Plan:
+    recipe, task = job.recipe, job.task
     train_split = task.split("train")
     n = len(train_split) if recipe.train_limit is None else min(recipe.train_limit, len(train_split))
     if n == 0:
         raise QvecError(f"task {task.name!r} has no training examples")
-    config = job.adapter.data_config(job.spec, model)
-    steps_per_epoch = math.ceil(n / recipe.batch_size)
-    epochs = recipe.epochs_for(n)
-    total = steps_per_epoch * epochs
-    model.to(job.device)
-    params = trainable_parameters(model)
-    opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
-    spath = state_path(job.out)
-    log = {"task": task.name, "kind": job.kind, "recipe": json.loads(recipe.to_json()), "train_examples": n,
-           "epochs_run": epochs, "quant": job.qat.to_dict() if job.qat else None, "epochs": []}
-    start_epoch, train_seconds = 0, 0.0
-    if resume and spath.is_file():
-        try:
-            st = torch.load(spath, map_location="cpu", weights_only=True)
-        except Exception as e:  # corrupt or foreign file
-            raise QvecError(f"{spath}: unreadable resume state ({type(e).__name__}); delete it to start over") from None
-        if st.get("run_key") != job.run_key:
-            raise QvecError(f"{spath}: resume state of a different run (model, task, recipe, init or quantization "
-                            "differ); delete it or rerun the original command")
-        model.load_state_dict(st["model"])
-        opt.load_state_dict(st["optim"])
-        start_epoch, train_seconds, log = int(st["epoch"]), float(st["train_seconds"]), json.loads(st["log"])
-    bar, bar_job = _progress(job.progress, total, start_epoch * steps_per_epoch,
-                             f"{job.kind} {job.spec.name} {task.name}")
-    step = start_epoch * steps_per_epoch
-    shown = _ProgressFile(job.out, total, f"{job.kind} {job.spec.name} {task.name}")
+    config = job.adapter.data_config(job.spec, job.model)
+    return _Plan(train_split, n, config, math.ceil(n / recipe.batch_size), recipe.epochs_for(n))
+
+
+def _load_state(job: _Job, opt: torch.optim.Optimizer, spath: Path) -> tuple[int, float, dict]:
+    """Restore model and optimizer from the resume file; returns (epochs done, training seconds, log)."""
     try:
-        for epoch in range(start_epoch, epochs):
-            model.train()
-            torch.manual_seed(recipe.seed + epoch)  # any stochastic layers (dropout, drop-path)
-            gen = epoch_generator(recipe.seed, epoch)
-            perm = torch.randperm(n, generator=gen)
-            digest = hashlib.sha256(perm.numpy().tobytes())
-            t0, loss_sum, seen = time.perf_counter(), 0.0, 0
-            for b in range(steps_per_epoch):
-                idx = perm[b * recipe.batch_size : (b + 1) * recipe.batch_size]
-                x, y = make_batch(train_split, idx, config, recipe, gen)
-                digest.update(x.numpy().tobytes()[:4096])
-                x, y = x.to(job.device, non_blocking=True), y.to(job.device, non_blocking=True)
-                batch_loss = 0.0
-                for m in range(0, len(idx), recipe.micro_batch):
-                    xm, ym = x[m : m + recipe.micro_batch], y[m : m + recipe.micro_batch]
-                    with autocast_for(job.device):
-                        logits = model(xm)
-                    loss = F.cross_entropy(logits.float(), ym, label_smoothing=recipe.label_smoothing)
-                    (loss * (len(ym) / len(y))).backward()
-                    batch_loss += loss.item() * len(ym)
-                if not math.isfinite(batch_loss):
-                    raise QvecError(f"training diverged: loss is {batch_loss} at step {step} of {task.name}; "
-                                    "lower the learning rate")
-                if recipe.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)
-                for g in opt.param_groups:
-                    g["lr"] = lr_at(step, total, recipe)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                step += 1
-                loss_sum += batch_loss
-                seen += len(idx)
-                ips = seen / max(1e-9, time.perf_counter() - t0)
-                shown.update(step, ips)
-                if bar is not None:
-                    bar.update(bar_job, advance=1, loss=f"{batch_loss / len(idx):.4f}", ips=f"{ips:.0f}")
-            epoch_train_s = time.perf_counter() - t0
-            train_seconds += epoch_train_s
-            entry = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "seconds": round(epoch_train_s, 3),
-                     "images_per_s": round(seen / epoch_train_s, 1), "lr_end": lr_at(step - 1, total, recipe),
-                     "data_digest": digest.hexdigest()[:16],
-                     "val_acc": _val_accuracy(job, None)}
-            if job.eval_quant is not None:
-                entry["val_acc_ptq"] = _val_accuracy(job, job.eval_quant)
-                entry["ptq"] = str(job.eval_quant)
-            log["epochs"].append(entry)
-            log["train_seconds"] = round(train_seconds, 3)
-            _write_json(job.log_path, log)
-            if epoch + 1 < epochs:
-                with atomic_path(spath) as tmp:
-                    torch.save({"version": STATE_VERSION, "run_key": job.run_key, "epoch": epoch + 1,
-                                "model": model.state_dict(), "optim": opt.state_dict(),
-                                "train_seconds": train_seconds, "log": json.dumps(log)}, tmp)
-            if on_epoch is not None:
-                on_epoch(epoch + 1)
-    finally:
-        shown.close()
-        if bar is not None:
-            bar.stop()
+        st = torch.load(spath, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt or foreign file
+        raise QvecError(f"{spath}: unreadable resume state ({type(e).__name__}); delete it to start over") from None
+    if st.get("run_key") != job.run_key:
+        raise QvecError(f"{spath}: resume state of a different run (model, task, recipe, init or quantization "
+                        "differ); delete it or rerun the original command")
+    job.model.load_state_dict(st["model"])
+    opt.load_state_dict(st["optim"])
+    return int(st["epoch"]), float(st["train_seconds"]), json.loads(st["log"])
+
+
+def _save_state(job: _Job, spath: Path, opt: torch.optim.Optimizer, epochs_done: int, train_seconds: float,
+                log: dict) -> None:
+    with atomic_path(spath) as tmp:
+        torch.save({"version": STATE_VERSION, "run_key": job.run_key, "epoch": epochs_done,
+                    "model": job.model.state_dict(), "optim": opt.state_dict(),
+                    "train_seconds": train_seconds, "log": json.dumps(log)}, tmp)
+
+
+def _optimizer_step(job: _Job, params: list[nn.Parameter], opt: torch.optim.Optimizer, x: torch.Tensor,
+                    y: torch.Tensor, step: int, total: int) -> float:
+    """One optimizer step on a batch, its gradient accumulated over micro-batches; returns the batch's summed loss."""
+    recipe = job.recipe
+    x, y = x.to(job.device, non_blocking=True), y.to(job.device, non_blocking=True)
+    batch_loss = 0.0
+    for m in range(0, len(y), recipe.micro_batch):
+        xm, ym = x[m : m + recipe.micro_batch], y[m : m + recipe.micro_batch]
+        with autocast_for(job.device):
+            logits = job.model(xm)
+        loss = F.cross_entropy(logits.float(), ym, label_smoothing=recipe.label_smoothing)
+        (loss * (len(ym) / len(y))).backward()
+        batch_loss += loss.item() * len(ym)
+    if not math.isfinite(batch_loss):
+        raise QvecError(f"training diverged: loss is {batch_loss} at step {step} of {job.task.name}; "
+                        "lower the learning rate")
+    if recipe.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)
+    for g in opt.param_groups:
+        g["lr"] = lr_at(step, total, recipe)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return batch_loss
+
+
+def _train_epoch(job: _Job, plan: _Plan, params: list[nn.Parameter], opt: torch.optim.Optimizer, epoch: int,
+                 step: int, report: Callable[[int, float, float], None]) -> tuple[dict, int, float]:
+    """Epoch ``epoch`` (0-based), starting at global step ``step``; ``report(step, mean loss, img/s)`` after every
+    step. Returns the epoch's log entry (before validation), the next step and the seconds it took."""
+    model, recipe = job.model, job.recipe
+    model.train()
+    torch.manual_seed(recipe.seed + epoch)  # any stochastic layers (dropout, drop-path)
+    gen = epoch_generator(recipe.seed, epoch)
+    perm = torch.randperm(plan.n, generator=gen)
+    digest = hashlib.sha256(perm.numpy().tobytes())
+    t0, loss_sum, seen = time.perf_counter(), 0.0, 0
+    for b in range(plan.steps_per_epoch):
+        idx = perm[b * recipe.batch_size : (b + 1) * recipe.batch_size]
+        x, y = make_batch(plan.train_split, idx, plan.config, recipe, gen)
+        digest.update(x.numpy().tobytes()[:4096])
+        batch_loss = _optimizer_step(job, params, opt, x, y, step, plan.total)
+        step += 1
+        loss_sum += batch_loss
+        seen += len(idx)
+        report(step, batch_loss / len(idx), seen / max(1e-9, time.perf_counter() - t0))
+    secs = time.perf_counter() - t0
+    entry = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "seconds": round(secs, 3),
+             "images_per_s": round(seen / secs, 1), "lr_end": lr_at(step - 1, plan.total, recipe),
+             "data_digest": digest.hexdigest()[:16]}
+    return entry, step, secs
+
+
+def _log_epoch(job: _Job, log: dict, entry: dict, train_seconds: float) -> None:
+    """Add the validation accuracies (float, and after PTQ with ``eval_quant``) to ``entry``; write the log."""
+    entry["val_acc"] = _val_accuracy(job, None)
+    if job.eval_quant is not None:
+        entry["val_acc_ptq"] = _val_accuracy(job, job.eval_quant)
+        entry["ptq"] = str(job.eval_quant)
+    log["epochs"].append(entry)
+    log["train_seconds"] = round(train_seconds, 3)
+    _write_json(job.log_path, log)
+
+
+def _save_checkpoint(job: _Job, train_seconds: float, log: dict, spath: Path) -> Checkpoint:
+    """The trained model as a plain checkpoint (QAT converted back to latent weights) at ``job.out``."""
+    model = job.model
     if job.qat is not None:
         convert_qat(model)
     model.eval().cpu()
     meta = dict(job.meta)
-    meta[META_RECIPE] = recipe.to_json()
+    meta[META_RECIPE] = job.recipe.to_json()
     meta[META_TRAIN_SECONDS] = f"{train_seconds:.3f}"
     if job.fingerprint_after:
         state = model.state_dict()
@@ -328,6 +349,43 @@ def _train(job: _Job, resume: bool = True, on_epoch: Callable[[int], None] | Non
     return ckpt
 
 
+def _train(job: _Job, resume: bool = True, on_epoch: Callable[[int], None] | None = None) -> Checkpoint:
+    recipe, plan = job.recipe, _plan(job)
+    job.model.to(job.device)
+    params = trainable_parameters(job.model)
+    opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    spath = state_path(job.out)
+    log = {"task": job.task.name, "kind": job.kind, "recipe": json.loads(recipe.to_json()), "train_examples": plan.n,
+           "epochs_run": plan.epochs, "quant": job.qat.to_dict() if job.qat else None, "epochs": []}
+    start_epoch, train_seconds = 0, 0.0
+    if resume and spath.is_file():
+        start_epoch, train_seconds, log = _load_state(job, opt, spath)
+    title = f"{job.kind} {job.spec.name} {job.task.name}"
+    bar, bar_job = _progress(job.progress, plan.total, start_epoch * plan.steps_per_epoch, title)
+    step = start_epoch * plan.steps_per_epoch
+    shown = _ProgressFile(job.out, plan.total, title)
+
+    def report(done: int, loss: float, ips: float) -> None:
+        shown.update(done, ips)
+        if bar is not None:
+            bar.update(bar_job, advance=1, loss=f"{loss:.4f}", ips=f"{ips:.0f}")
+
+    try:
+        for epoch in range(start_epoch, plan.epochs):
+            entry, step, secs = _train_epoch(job, plan, params, opt, epoch, step, report)
+            train_seconds += secs
+            _log_epoch(job, log, entry, train_seconds)
+            if epoch + 1 < plan.epochs:
+                _save_state(job, spath, opt, epoch + 1, train_seconds, log)
+            if on_epoch is not None:
+                on_epoch(epoch + 1)
+    finally:
+        shown.close()
+        if bar is not None:
+            bar.stop()
+    return _save_checkpoint(job, train_seconds, log, spath)
+
+
 def _load_init(model: nn.Module, adapter: ModelAdapter, init: str | Path) -> tuple[str, dict]:
     """Load theta_0's backbone into ``model`` (the head stays freshly initialised); return its fingerprint.
 
@@ -336,6 +394,27 @@ def _load_init(model: nn.Module, adapter: ModelAdapter, init: str | Path) -> tup
     load_backbone_state(model, {k: v for k, v in ck.state.items() if not adapter.is_head(k)}, adapter, str(init))
     fp = ck.fingerprint or fingerprint_tensors(ck.state, [k for k in adapter.backbone_keys(ck.state)])
     return fp, ck.meta
+
+
+def _init_head(model: nn.Module, adapter: ModelAdapter, spec: ModelSpec, task: Task) -> None:
+    """A fresh head for ``task`` (or the adapter's own, e.g. CLIP zero-shot), frozen when the adapter says so."""
+    adapter.init_head(model, spec, list(task.classes), task.name)
+    if not adapter.trainable_head(spec):
+        for name, p in model.named_parameters():
+            if adapter.is_head(name):
+                p.requires_grad_(False)
+
+
+def _finetune_meta(task: Task, qat: QuantSpec | None, fingerprint: str, include_in_proj: bool,
+                   init: str | Path | None) -> dict:
+    """The header of a fine-tuned checkpoint (the recipe and training time are added once it is trained)."""
+    meta = {META_TASK: task.name, META_KIND: "qat" if qat else "ft", META_FINGERPRINT: fingerprint,
+            META_CLASSES: json.dumps(list(task.classes)), META_INCLUDE_IN_PROJ: json.dumps(include_in_proj)}
+    if qat is not None:
+        meta[META_QUANT] = json.dumps(qat.to_dict())
+    if init is not None:
+        meta[META_INIT] = str(init)
+    return meta
 
 
 def finetune(
@@ -379,19 +458,10 @@ def finetune(
     else:
         state = model.state_dict()
         fingerprint = fingerprint_tensors(state, adapter.backbone_keys(state))
-    adapter.init_head(model, spec, list(task.classes), task.name)
-    if not adapter.trainable_head(spec):
-        for name, p in model.named_parameters():
-            if adapter.is_head(name):
-                p.requires_grad_(False)
+    _init_head(model, adapter, spec, task)
     if qat is not None:
         prepare_qat(model, qat, adapter.targets(model, include_in_proj))
-    meta = {META_TASK: task.name, META_KIND: "qat" if qat else "ft", META_FINGERPRINT: fingerprint,
-            META_CLASSES: json.dumps(list(task.classes)), META_INCLUDE_IN_PROJ: json.dumps(include_in_proj)}
-    if qat is not None:
-        meta[META_QUANT] = json.dumps(qat.to_dict())
-    if init is not None:
-        meta[META_INIT] = str(init)
+    meta = _finetune_meta(task, qat, fingerprint, include_in_proj, init)
     run_key = _run_key("finetune", spec.to_json(), task.name, task.source, recipe.to_json(),
                        qat.to_dict() if qat else None, include_in_proj, fingerprint,
                        eval_quant.to_dict() if eval_quant else None)
