@@ -8,9 +8,9 @@
 
 Why processes with one thread each rather than one process with all threads: a grid is hundreds of independent
 jobs, and intra-op threading of the many small tensor operations (the patch, the RTN pass, attention on 65
-tokens) scales poorly and collapses when the cores are shared: measured on 2 busy cores, one 2-thread process
-spent 0.9 s per RTN pass that takes 1.5 ms single-threaded, and evaluated 125 img/s against 394 img/s for two
-single-threaded workers.
+tokens) scales poorly and collapses when the cores are shared: OpenMP barriers stall when a core is taken, so a
+multi-threaded process ends up far slower than single-threaded workers (the timings are in docs/grid.md,
+"Executors").
 
 Both parallel executors share one scheduling loop: a job is submitted when every job it depends on has
 finished; outputs return to the driver, which alone writes the database, so results are written once. Plan order
@@ -79,9 +79,9 @@ class ParallelExecutor(Executor):
 
     def threads_for(self, job: Job) -> int:
         """Torch threads of a job: every CPU for pretraining, which always runs alone (everything waits for it),
-        else an equal share (1 with one worker per CPU). Measured on 2 idle cores, a vit-mini training step runs
-        at 315 img/s on 2 threads against 180 on 1; on busy shared cores a second thread is 3-9x slower, which is
-        why every other job gets one. A fixed rule, not the current load, also means a resumed run trains with
+        else an equal share (1 with one worker per CPU). On idle cores a training step gains from a second
+        thread, but on busy shared cores a second thread is several times slower (docs/grid.md, "Executors"), which
+        is why every other job gets one. A fixed rule, not the current load, also means a resumed run trains with
         the threads of an uninterrupted one, so its weights (and table) are identical."""
         if self.threads is not None:
             return self.threads

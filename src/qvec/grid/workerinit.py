@@ -1,9 +1,10 @@
 """Start-up of local worker processes, kept free of heavy imports so that it runs within a fraction of a second.
 
-A worker must die with the driver, or a killed run would leave an orphan that keeps writing artifacts (and ~1 GB of
-memory) behind it. Linux's ``PR_SET_PDEATHSIG`` does that, but only from the moment it is set: importing torch
-first would leave a window of seconds in which a kill of the driver orphans the worker. This module imports
-nothing from qvec or torch, and checks after setting the signal that the driver is still its parent.
+A worker must die with the driver, or a killed run would leave an orphan that keeps writing artifacts (and holding
+its memory, docs/grid.md "Crash safety") behind it. Linux's ``PR_SET_PDEATHSIG`` does that, but only from the
+moment it is set: importing torch first would leave a window of seconds in which a kill of the driver orphans the
+worker. This module imports nothing from qvec or torch, and checks after setting the signal that the driver is
+still its parent.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from .base import _BUILTIN_NAMES, DataConfig, ModelAdapter, ModelSpec, register_
 from .hub import offline_error, require_weights_file
 
 # Small ViTs for the CPU-scale replication: 32x32 inputs, 4x4 patches (64 tokens + class token).
-# Throughput measured on 2 CPU cores (batch 128 train, 512 eval) is in the README.
+# Their training and evaluation throughput is in docs/training.md ("Training and evaluation throughput").
 SMALL_VITS: dict[str, dict] = {
     "vit-nano": dict(embed_dim=96, depth=4, num_heads=3),
     "vit-mini": dict(embed_dim=128, depth=6, num_heads=4),
