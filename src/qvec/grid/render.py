@@ -1,14 +1,18 @@
-"""What reports are made of: titled tables that render to Markdown and CSV, and figures saved as PNG and SVG
-through matplotlib's Agg backend (imported on first use: it is slow to import)."""
+"""What reports are made of: titled tables that render to Markdown and CSV, figures saved as PNG and SVG
+through matplotlib's Agg backend (imported on first use: it is slow to import), and the registry of the tables
+and figures a report shows (:func:`register_figure`, :func:`register_table`), which ``write_report`` walks."""
 
 from __future__ import annotations
 
 import csv
+import itertools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..atomic import atomic_path
+from ..errors import QvecError
 
 
 @dataclass
@@ -68,3 +72,75 @@ def _save(fig, out_dir: Path, name: str) -> list[Path]:
         paths.append(p)
     _plt().close(fig)
     return paths
+
+
+# ------------------------------------------------------------------------------------------------ registry
+#: The report's sections, in page order: the summary (study-wide), one per bit-width, and the cost section.
+SCOPES = ("study", "bits", "cost")
+
+
+@dataclass
+class ReportPart:
+    """One registered table or figure of the report: what makes it, which section it goes in, and where.
+
+    A figure's ``fn`` is ``fn(data, out_dir)`` (``fn(data, bits, out_dir)`` in the per-bit-width section) and
+    returns the paths it saved (none: the figure is left out); a table's is ``fn(data)`` (``fn(data, bits)``) and
+    returns a :class:`Table`, a list of them, or None. ``title`` is a figure's caption (``{bits}`` is filled in).
+    """
+
+    name: str
+    kind: str
+    fn: Callable
+    scope: str
+    order: float
+    title: str = ""
+    seq: int = 0
+
+    def caption(self, bits: int | None = None) -> str:
+        return self.title.format(bits=bits) if bits is not None else self.title
+
+
+_PARTS: dict[tuple[str, str], ReportPart] = {}
+_SEQ = itertools.count()
+
+
+def _register(kind: str, name: str, scope: str, order: float, title: str) -> Callable[[Callable], Callable]:
+    if scope not in SCOPES:
+        raise QvecError(f"report {kind} {name!r}: scope must be one of {', '.join(SCOPES)}, not {scope!r}")
+
+    def deco(fn: Callable) -> Callable:
+        if (kind, name) in _PARTS:
+            raise QvecError(f"a report {kind} named {name!r} is already registered")
+        _PARTS[(kind, name)] = ReportPart(name, kind, fn, scope, order, title, next(_SEQ))
+        return fn
+
+    return deco
+
+
+def register_figure(name: str, *, title: str, scope: str = "study", order: float = 100.0):
+    """Decorator: put a figure in the report, section ``scope`` ("study", "bits" or "cost"), sorted by ``order``
+    among that section's tables and figures (ties: registration order)."""
+    return _register("figure", name, scope, order, title)
+
+
+def register_table(name: str, *, scope: str = "study", order: float = 100.0):
+    """Decorator: put a table (or a list of tables, or None for none) in the report; see :func:`register_figure`."""
+    return _register("table", name, scope, order, "")
+
+
+def _unregister(kind: str, name: str) -> None:
+    if _PARTS.pop((kind, name), None) is None:
+        raise QvecError(f"no report {kind} named {name!r} is registered")
+
+
+def unregister_figure(name: str) -> None:
+    _unregister("figure", name)
+
+
+def unregister_table(name: str) -> None:
+    _unregister("table", name)
+
+
+def report_parts(scope: str) -> list[ReportPart]:
+    """The tables and figures of one section, in page order."""
+    return sorted((p for p in _PARTS.values() if p.scope == scope), key=lambda p: (p.order, p.seq))
