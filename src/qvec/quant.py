@@ -21,8 +21,8 @@ Granularity = Literal["channel", "tensor", "group"]
 GRANULARITIES: tuple[str, ...] = ("channel", "tensor", "group")
 _GRID_FIELDS = ("bits", "symmetric", "granularity", "group_size")
 _EPS = 1e-8
-# Elements processed per block: keeps the in-place passes of one block in cache (measured best on 2 cores:
-# 1 MiB blocks run at about 10 GB/s, whole-tensor passes at under 4 GB/s).
+# Elements processed per block: sized so that the in-place passes of one block stay in cache (docs/grid.md, "The
+# evaluation fast path").
 _ROW_BLOCK_ELEMS = 1 << 18
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
@@ -19,6 +20,7 @@ from ..quant import QuantizerConfig, QuantSpec, get_quantizer, quantizer_names
 from ..schema import META_DONOR
 from ..vector import QuantVector
 from . import app
+from .options import takes
 
 out = Console()
 
@@ -56,12 +58,36 @@ Calib = Annotated[str | None, typer.Option("--calib", help="GPTQ calibration ima
 CalibSize = Annotated[int, typer.Option("--calib-size", help="GPTQ calibration images used.")]
 
 
-def quant_spec(bits: int, granularity: str, group_size: int, asymmetric: bool) -> QuantSpec:
-    return QuantSpec(bits=bits, symmetric=not asymmetric, granularity=granularity, group_size=group_size)
+@dataclass
+class GridFlags:
+    """The integer grid every quantizer shares (``QuantSpec`` less the bit-width's default)."""
+
+    bits: Bits = 3
+    granularity: Gran = "channel"
+    group_size: GroupSize = 128
+    asymmetric: Asym = False
+
+    def spec(self) -> QuantSpec:
+        return QuantSpec(bits=self.bits, symmetric=not self.asymmetric, granularity=self.granularity,
+                         group_size=self.group_size)
 
 
-def quantizer_config(method: str, bits: int, granularity: str, group_size: int, asymmetric: bool,
-                     calib: str | None) -> QuantizerConfig:
+@dataclass
+class QuantizerFlags:
+    """Which registered quantizer, and its calibration images when it needs them."""
+
+    method: Method = "rtn"
+    calib: Calib = None
+    calib_size: CalibSize = 128
+
+    def config(self, grid: GridFlags) -> QuantizerConfig:
+        return quantizer_config(self.method, grid.spec(), self.calib)
+
+    def describe(self, spec: QuantizerConfig) -> str:
+        return f"{spec}" + (f" calibrated on {self.calib_size} images of {self.calib}" if self.calib else "")
+
+
+def quantizer_config(method: str, grid: QuantSpec, calib: str | None) -> QuantizerConfig:
     """The registered quantizer ``--method`` names, on the grid the flags name (its own knobs at defaults)."""
     cls = get_quantizer(method, "--method")
     if cls.needs_calibration and calib is None:
@@ -69,7 +95,7 @@ def quantizer_config(method: str, bits: int, granularity: str, group_size: int, 
     if not cls.needs_calibration and calib is not None:
         calibrated = " or ".join(f"--method {n}" for n in quantizer_names() if get_quantizer(n).needs_calibration)
         raise QvecError(f"--calib is for {calibrated} ({method} needs no data)")
-    return cls.from_grid(quant_spec(bits, granularity, group_size, asymmetric))
+    return cls.from_grid(grid)
 
 
 def _mb(n: int) -> str:
@@ -97,6 +123,7 @@ def extract(
 
 
 @app.command()
+@takes(grid=GridFlags)
 def patch(
     receiver: Annotated[Path, typer.Option("--receiver", "-r", help="Receiver's fine-tuned checkpoint.")],
     vector: Annotated[list[Path], typer.Option("--vector", "-v", help="Quantization vector(s); several are averaged "
@@ -111,10 +138,7 @@ def patch(
     probe_size: Annotated[int, typer.Option("--probe-size", help="Probe images used.")] = 1000,
     donor: Annotated[str, typer.Option("--donor", help="With several vectors: mean (average them) or choose (--lam "
                                        "auto picks the best of them and their mean).")] = "mean",
-    bits: Bits = 3,
-    granularity: Gran = "channel",
-    group_size: GroupSize = 128,
-    asymmetric: Asym = False,
+    grid: GridFlags = GridFlags(),
     in_proj: InProj = True,
     allow_fingerprint_mismatch: AllowFp = False,
     model: ModelOpt = None,
@@ -146,7 +170,7 @@ def patch(
             cands = {f"{i}:{p.name}": v for i, (p, v) in enumerate(zip(vector, vecs, strict=True))}
     else:
         cands = {"vector" if len(vecs) == 1 else "mean": vecs[0] if len(vecs) == 1 else QuantVector.mean(vecs)}
-    choice = choose_donor(ckpt, cands, quant_spec(bits, granularity, group_size, asymmetric), rule=rule,
+    choice = choose_donor(ckpt, cands, grid.spec(), rule=rule,
                           probe=probe, probe_size=probe_size, include_mean=donor == "choose",
                           require_choice=donor == "choose", include_in_proj=in_proj)
     _print_choice(choice)
@@ -191,46 +215,37 @@ def _print_choice(choice) -> None:
 
 
 @app.command()
+@takes(grid=GridFlags, q=QuantizerFlags)
 def quantize(
     input: Annotated[Path, typer.Argument(help="Checkpoint to quantize.")],
     output: Output,
-    bits: Bits = 3,
-    granularity: Gran = "channel",
-    group_size: GroupSize = 128,
-    asymmetric: Asym = False,
+    grid: GridFlags = GridFlags(),
     in_proj: InProj = True,
     model: ModelOpt = None,
-    method: Method = "rtn",
-    calib: Calib = None,
-    calib_size: CalibSize = 128,
+    q: QuantizerFlags = QuantizerFlags(),
 ) -> None:
     """Post-training quantization (weight-only RTN, or GPTQ with --calib): write a fake-quantized float checkpoint."""
-    spec = quantizer_config(method, bits, granularity, group_size, asymmetric, calib)
-    q = quantize_checkpoint(load_checkpoint(input, model), spec, include_in_proj=in_proj, calibration=calib,
-                            calibration_size=calib_size)
-    q.save(output)
-    out.print(f"wrote {output}: {spec}" + (f" calibrated on {calib_size} images of {calib}" if calib else ""))
+    spec = q.config(grid)
+    quantized = quantize_checkpoint(load_checkpoint(input, model), spec, include_in_proj=in_proj,
+                                    calibration=q.calib, calibration_size=q.calib_size)
+    quantized.save(output)
+    out.print(f"wrote {output}: {q.describe(spec)}")
 
 
 @app.command()
+@takes(grid=GridFlags, q=QuantizerFlags)
 def pack(
     input: Annotated[Path, typer.Argument(help="Checkpoint (float weights) to pack.")],
     output: Output,
-    bits: Bits = 3,
-    granularity: Gran = "channel",
-    group_size: GroupSize = 128,
-    asymmetric: Asym = False,
+    grid: GridFlags = GridFlags(),
     in_proj: InProj = True,
     scale_dtype: Annotated[str, typer.Option(help="float16 (default) or float32 (bit-exact with PTQ).")] = "float16",
     model: ModelOpt = None,
-    method: Method = "rtn",
-    calib: Calib = None,
-    calib_size: CalibSize = 128,
+    q: QuantizerFlags = QuantizerFlags(),
 ) -> None:
     """Write a real low-bit checkpoint: bit-packed integer codes, fp16 scales, other tensors as is."""
-    spec = quantizer_config(method, bits, granularity, group_size, asymmetric, calib)
-    r = pack_checkpoint(load_checkpoint(input, model), spec, output, include_in_proj=in_proj, scale_dtype=scale_dtype,
-                        calibration=calib, calibration_size=calib_size)
+    r = pack_checkpoint(load_checkpoint(input, model), q.config(grid), output, include_in_proj=in_proj,
+                        scale_dtype=scale_dtype, calibration=q.calib, calibration_size=q.calib_size)
     out.print(
         f"wrote {output}: {_mb(r.packed_bytes)} (fp32 {_mb(r.fp32_bytes)}, fp16 {_mb(r.fp16_bytes)}); "
         f"{r.num_quantized} quantized tensors at {r.quantized_ratio:.3f} of their fp32 size"

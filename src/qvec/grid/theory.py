@@ -20,7 +20,7 @@ from ..vector import QuantVector
 from .config import GridConfig
 from .plan import build_plan
 from .render import Table
-from .report import load_study
+from .report_data import load_study
 from .store import ResultStore
 
 
