@@ -20,7 +20,7 @@ from .checkpoint import META_CLASSES, Checkpoint
 from .errors import QvecError
 from .models import DataConfig, ModelSpec, get_adapter, load_model
 from .quant import QuantSpec, quantize_
-from .tasks import Task
+from .tasks import Task, normalize
 
 SMALL_VIT_MEAN = (0.5, 0.5, 0.5)
 # Default evaluation batch: on CPU small batches keep activations in cache and run faster than large ones
@@ -114,8 +114,6 @@ def _batches(ds, n: int, batch_size: int, cached: torch.Tensor | None, config: D
         if cached is not None:
             x = cached[s:e]
         else:
-            from .tasks import normalize
-
             x = normalize(ds.load(range(s, e), config.image_size, config.interpolation), config.mean, config.std)
         yield s, e, x
 

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from .errors import QvecError
+from .tasks import load_jpeg_corpus, normalize, resize_batch
 
 NOISE = "noise"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
@@ -38,8 +39,6 @@ class ProbeSet:
 
     def tensors(self, config) -> torch.Tensor:
         """The images preprocessed for a model's :class:`qvec.models.DataConfig` (computed once, cached)."""
-        from .tasks import normalize, resize_batch
-
         key = (config.image_size, tuple(config.mean), tuple(config.std), config.interpolation)
         if key not in self._cache:
             out = []
@@ -82,8 +81,6 @@ def _from_npz(path: Path) -> torch.Tensor:
     except (OSError, ValueError) as e:
         raise QvecError(f"{path}: not a readable .npz file ({str(e).splitlines()[0] if str(e) else e!r})") from None
     if {"jpeg", "offsets"} <= files:  # a pretraining corpus
-        from .tasks import load_jpeg_corpus
-
         return load_jpeg_corpus(path).full_train.images  # type: ignore[attr-defined]
     for name in ("x_train", "x", "images"):
         if name in files:
@@ -118,8 +115,6 @@ def _from_folder(path: Path, n: int, seed: int) -> torch.Tensor:
 
 def _resized_uint8(x: torch.Tensor, side: int) -> torch.Tensor:
     """uint8 images resized to ``side`` x ``side``, through [0, 1] floats (the range resize_batch clamps to)."""
-    from .tasks import resize_batch
-
     return resize_batch(x.float().div_(255.0), side).mul_(255.0).round_().to(torch.uint8)
 
 

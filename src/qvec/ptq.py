@@ -9,7 +9,9 @@ import torch
 
 from .checkpoint import META_KIND, META_QUANT, Checkpoint
 from .errors import QvecError
-from .models import ModelSpec, get_adapter
+from .gptq import check_calibration
+from .models import ModelSpec, get_adapter, load_model
+from .probe import ProbeSet, load_probe
 from .quant import NonFiniteWeightError, QuantizerConfig, QuantSpec, apply_quantizer_, quantize_state_dict_
 
 
@@ -78,10 +80,6 @@ def quantize_checkpoint_state(ckpt: Checkpoint, quant: QuantizerConfig, include_
 def _calibrated(ckpt: Checkpoint, quant: QuantizerConfig, include_in_proj: bool, spec: ModelSpec, calibration,
                 n: int) -> tuple[Quantized, dict]:
     """Preprocess the calibration images for the model, then quantize; also returns which images were used."""
-    from .gptq import check_calibration
-    from .models import load_model
-    from .probe import ProbeSet, load_probe
-
     model, adapter, spec = load_model(ckpt, spec)
     config = adapter.data_config(spec, model)
     if calibration is None:
@@ -99,8 +97,6 @@ def _calibrated(ckpt: Checkpoint, quant: QuantizerConfig, include_in_proj: bool,
 def _on_model(ckpt: Checkpoint, quant: QuantizerConfig, include_in_proj: bool, spec: ModelSpec,
               x: torch.Tensor | None, loaded: tuple | None = None) -> Quantized:
     """Run a registered quantizer on the model built from ``ckpt``; non-target tensors are kept as they were."""
-    from .models import load_model
-
     model, adapter = loaded if loaded is not None else load_model(ckpt, spec)[:2]
     try:
         qparams = apply_quantizer_(model, quant, adapter.targets(model, include_in_proj), x)

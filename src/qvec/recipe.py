@@ -14,6 +14,7 @@ import json
 from dataclasses import asdict, dataclass, fields, replace
 
 from .errors import QvecError
+from .tasks import paper_task
 
 
 @dataclass(frozen=True)
@@ -123,8 +124,6 @@ class Recipe:
             return small_profile(profile).finetune
         if profile is not None and profile != PAPER_PROFILE:
             return pretrained_profile(profile, model_spec).finetune
-        from .tasks import paper_task
-
         pt = paper_task(task_name)
         return cls.paper(epochs=pt.epochs if pt else 1)
 

@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from .errors import QvecError
+from .plugins import load_plugins
 
 #: SPEC section 7: the lambda grid (lambda* is chosen over it on the receiver's validation split); every rule's
 #: candidates unless told otherwise.
@@ -159,8 +160,6 @@ def get_rule(spec: str | LambdaRule) -> LambdaRule:
         raise QvecError(f"a lambda rule must be a name such as 'agree', got {spec!r}")
     name, _, arg = spec.strip().partition(":")
     if name not in _RULES:
-        from .plugins import load_plugins
-
         load_plugins()
     factory = _RULES.get(name)
     if factory is None:

@@ -21,6 +21,8 @@ from torch import nn
 
 from .checkpoint import Checkpoint
 from .errors import QvecError
+from .evaluate import evaluate
+from .models import load_model
 from .probe import ProbeSet, load_probe, noise_probe, receiver_probe
 from .quant import QuantSpec, fake_quantize, quantize_
 from .rules import DEFAULT_LAMBDAS, IMAGE_SIGNALS, MEAN_DONOR, LambdaRule, get_rule
@@ -147,8 +149,6 @@ class _Scorer:
             live = self.model.state_dict()
             return weight_score(weight_errors({t.key: live[t.key] for t in self.targets}, self.ft), self.errs0)
         if signal == "val":
-            from .evaluate import evaluate
-
             if task is None:
                 raise QvecError(f"lambda rule {rule.name!r} needs the receiver's labelled task (task=...)")
             return evaluate(self.model, task, "val", batch_size=self.batch_size, config=self.config).accuracy
@@ -189,8 +189,6 @@ def _vectors(vectors) -> dict[str, QuantVector]:
 
 
 def _scorer(ck: Checkpoint, quant: QuantSpec, include_in_proj: bool, batch_size: int) -> _Scorer:
-    from .models import load_model
-
     model, adapter, spec = load_model(ck)
     for p in model.parameters():
         p.requires_grad_(False)

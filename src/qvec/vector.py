@@ -18,6 +18,7 @@ import torch
 from . import __version__
 from .checkpoint import Checkpoint, read_safetensors, save_safetensors
 from .errors import QvecError
+from .models import ModelSpec, get_adapter
 from .schema import (
     FORMAT_VECTOR,
     KIND_PATCHED,
@@ -132,8 +133,6 @@ class QuantVector:
         With ``check_roles`` (the default) the headers must agree with the roles: the FT file says ``ft`` and the
         QAT file ``qat`` (swapped files would give -tau), both are of one task (else the donor is mislabelled), and
         they are not the same file or the same weights (a zero vector)."""
-        from .models import get_adapter
-
         if check_roles:
             _check_roles(ft, qat)
         ft_spec, qat_spec = ft.model_spec, qat.model_spec
@@ -265,8 +264,6 @@ class QuantVector:
         if rspec is not None and vspec is not None and (rspec.family, rspec.name) != (vspec.family, vspec.name):
             raise QvecError(f"{receiver.name('the receiver')} is {rspec}, but the vector was made for {vspec}")
         if vspec is not None:
-            from .models import get_adapter
-
             adapter = get_adapter(vspec)
             extra = [k for k, v in receiver.state.items()
                      if k not in self.tensors and v.is_floating_point() and not adapter.is_head(k)]
@@ -293,8 +290,6 @@ class QuantVector:
 
     @property
     def model_spec(self):
-        from .models import ModelSpec
-
         raw = self.meta.get(META_MODEL)
         return ModelSpec.from_json(raw) if raw else None
 

@@ -18,6 +18,7 @@ from ..pack import load_packed, pack_checkpoint
 from ..ptq import quantize_checkpoint
 from ..quant import QuantizerConfig, QuantSpec, get_quantizer, quantizer_names
 from ..schema import META_DONOR
+from ..selection import choose_donor
 from ..vector import QuantVector
 from . import app
 from .options import takes
@@ -160,8 +161,6 @@ def patch(
         patched.save(output)
         out.print(f"wrote {output}: {receiver.name} + {value:g} * {vec.meta.get(META_DONOR, 'vector')}")
         return
-    from ..selection import choose_donor
-
     for v in vecs:  # the header checks of a plain patch (backbone fingerprint, architecture), before any scoring
         v.apply(Checkpoint(dict(ckpt.state), dict(ckpt.meta), ckpt.path), 0.0, allow_fingerprint_mismatch)
     if donor == "choose":

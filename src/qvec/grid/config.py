@@ -36,8 +36,11 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import QvecError
-from ..quant import QuantSpec
-from ..rules import DEFAULT_LAMBDAS
+from ..models import ModelSpec, get_adapter
+from ..quant import QuantSpec, get_quantizer, quantizer_names
+from ..recipe import Recipe
+from ..rules import DEFAULT_LAMBDAS, get_rule
+from ..tasks import PAPER_TASKS, local_task_files, locate_task, resolve_data_dir
 
 TEST_LAMBDAS = ("selected", "all")
 BACKBONE_CHOICES = ("pretrain", "hub")
@@ -75,8 +78,6 @@ class RulesConfig:
     probe_domain: list[str] = field(default_factory=list)
 
     def rules(self, select_lambda: bool = True) -> list:
-        from ..rules import get_rule
-
         names = ["one", *(["val"] if select_lambda else []), *self.use]
         out: dict[str, object] = {}
         for n in names:
@@ -103,8 +104,6 @@ class PipelineConfig:
 
     @staticmethod
     def quantizer(name: str):
-        from ..quant import get_quantizer
-
         return get_quantizer(name)
 
     def config(self, name: str, quant: QuantSpec):
@@ -194,8 +193,6 @@ class GridConfig:
 
     def resolve_data_file(self, p: str, where: str) -> Path:
         """A file or folder named in the config: a path, else relative to the config, else inside data_dir."""
-        from ..tasks import resolve_data_dir
-
         cand = self.resolve_path(p)
         if not cand.exists() and not os.path.isabs(p):
             folder = resolve_data_dir(self.data_path())
@@ -216,8 +213,6 @@ class GridConfig:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     def model_spec(self):
-        from ..models import ModelSpec
-
         return ModelSpec.parse(self.model, **self.model_options)
 
     def resolve_path(self, p: str) -> Path:
@@ -240,8 +235,6 @@ class GridConfig:
         assert self.pretrain is not None
         cand = self.resolve_path(self.pretrain.data)
         if not cand.is_file() and not os.path.isabs(self.pretrain.data):
-            from ..tasks import resolve_data_dir
-
             inside = Path(resolve_data_dir(self.data_path())) / self.pretrain.data
             if inside.is_file():
                 return inside
@@ -256,8 +249,6 @@ class GridConfig:
         if not self.name or not all(c.isalnum() or c in "-_." for c in self.name):
             raise QvecError(f"{src}: name must be non-empty letters, digits, '-', '_' or '.', got {self.name!r}")
         try:
-            from ..models import get_adapter
-
             spec = self.model_spec()
             get_adapter(spec).check_spec(spec)
         except QvecError as e:
@@ -326,8 +317,6 @@ class GridConfig:
             raise QvecError(f"{src}: eval.batch_size must be a positive integer, got {ev.batch_size!r}")
 
     def _adapter(self):
-        from ..models import get_adapter
-
         return get_adapter(self.model_spec())
 
     def _validate_rules(self) -> None:
@@ -352,8 +341,6 @@ class GridConfig:
                             f"{len(self.donors)}")
 
     def _validate_quantizers(self) -> None:
-        from ..quant import quantizer_names
-
         src = self.source
         bad = [q for q in self.quantizers if q not in quantizer_names()]
         if bad:
@@ -403,8 +390,6 @@ class GridConfig:
             raise QvecError(f"{src}: backbone {self.backbone!r} is not 'pretrain', 'hub' or an existing file")
 
     def _validate_recipes(self) -> None:
-        from ..recipe import Recipe
-
         if self.profile is not None:
             try:
                 Recipe.for_task(self.tasks[0], self.model_spec(), self.profile)
@@ -436,8 +421,6 @@ class GridConfig:
     def _composed_recipes(self):
         """(section, thunk) pairs that build each recipe as the plan does: the profile's base, then ``[recipe]``,
         then the task's own section; the pretraining recipe from its base and ``[pretrain]``."""
-        from ..recipe import Recipe
-
         spec = self.model_spec()
         out = []
         for t in self.all_tasks:
@@ -457,8 +440,6 @@ class GridConfig:
     def _validate_tasks(self) -> None:
         """Tasks are the data folder's file stems, the paper's task names (Hugging Face unless the folder has them),
         or ``hf:NAME``, exactly as :func:`qvec.tasks.get_task` will resolve them in the workers."""
-        from ..tasks import PAPER_TASKS, local_task_files, locate_task, resolve_data_dir
-
         folder = resolve_data_dir(self.data_path())
         local = local_task_files(folder)
         for t in self.all_tasks:
@@ -573,8 +554,6 @@ def config_from_dict(raw: Mapping[str, Any], source: str = "<flags>") -> GridCon
     """Build (not yet validate) a GridConfig from parsed TOML/YAML; unknown keys are an error.
 
     Plain keys are checked against the types of GridConfig's fields; each table by its own dataclass."""
-    from ..quant import quantizer_names
-
     raw = dict(raw)
     tables = [q for q in quantizer_names() if q != "rtn"]
     for k in raw:

@@ -25,7 +25,9 @@ from collections.abc import Callable, Sequence
 
 from ..errors import QvecError
 from .jobs import JobOutput, execute_job
+from .monitor import JobMonitor
 from .plan import Job
+from .workerinit import die_with_parent
 
 Dispatch = Callable[[Job], Job]
 OnDone = Callable[[Job, JobOutput], None]
@@ -172,8 +174,6 @@ class PoolExecutor(ParallelExecutor):
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor
 
-        from .workerinit import die_with_parent
-
         self._pool = ProcessPoolExecutor(self.slots, mp_context=mp.get_context("spawn"), initializer=die_with_parent,
                                          initargs=(os.getpid(),))
 
@@ -304,7 +304,5 @@ def make_executor(name: str, *, address: str | None = None, num_cpus: int | None
     else:
         raise QvecError(f"unknown executor {name!r}; choose local or ray")
     if progress and sys.stderr.isatty():
-        from .monitor import JobMonitor
-
         ex.monitor = JobMonitor()
     return ex

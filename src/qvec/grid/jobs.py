@@ -29,9 +29,12 @@ from ..evaluate import evaluate
 from ..models import ModelSpec, build_model, get_adapter
 from ..models.loading import load_state_strict
 from ..probe import NOISE, ProbeSet, load_probe, noise_probe, receiver_probe
-from ..quant import apply_quantizer_, quantize_
+from ..quant import apply_quantizer_, get_quantizer, quantize_
+from ..recipe import Recipe
 from ..rules import IMAGE_SIGNALS, SIGNALS, lam_key
 from ..selection import agreement, ptq_errors, reference, weight_errors, weight_score
+from ..tasks import get_task
+from ..train import finetune, pretrain
 from ..vector import QuantVector
 from .params import BaselineParams, CellsParams, PipelineParams, ReceiverParams
 from .plan import (
@@ -205,8 +208,6 @@ def _row(p: ReceiverParams, key: str, kind: str, split: str, r, patch_s: float, 
 
 def run_baseline(p: BaselineParams) -> list[Result]:
     """FT / pretrained in float, or FT+PTQ / QAT+PTQ / pretrained+PTQ at one bit-width, on the test split."""
-    from ..tasks import get_task
-
     b = bench()
     known = p.get("known", {})
     task = get_task(p["receiver"], p["data_dir"])
@@ -237,8 +238,6 @@ def run_cells(p: CellsParams) -> list[Result]:
     ``p["known"]`` holds values already in the database (a resumed or widened run): those cells are not measured
     again, and known values still count for the choices.
     """
-    from ..tasks import get_task
-
     b = bench()
     known: dict[str, float] = p.get("known", {})
     task = get_task(p["receiver"], p["data_dir"])
@@ -351,9 +350,6 @@ def run_pipeline(p: PipelineParams) -> list[Result]:
     """A registered quantizer other than RTN on the receiver's FT and QAT models and on FT + lam * tau_D for each
     donor, at lambda = 1 and at each rule's choice (re-derived from the cells' rows in ``known``, as the plan
     does), on the test split."""
-    from ..quant import get_quantizer
-    from ..tasks import get_task
-
     b = bench()
     known: dict[str, float] = p.get("known", {})
     lams = pipeline_lambdas(p, lambda keys: {k: known[k] for k in keys if k in known})
@@ -410,10 +406,6 @@ def _calibration(b: EvalBench, s: _Slot, p: PipelineParams, task) -> torch.Tenso
 
 def run_training(job: Job, progress: bool) -> bool:
     """Pretrain or fine-tune into the job's artifact; False when the artifact already exists (nothing done)."""
-    from ..recipe import Recipe
-    from ..tasks import get_task
-    from ..train import finetune, pretrain
-
     p = job.params
     out = Path(p["out"])
     if out.is_file():

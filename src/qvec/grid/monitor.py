@@ -13,6 +13,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..train import progress_path
 from .plan import Job
 
 
@@ -62,8 +63,6 @@ def _read_progress(job: Job) -> dict | None:
     out = job.params.get("out")
     if not out:
         return None
-    from ..train import progress_path
-
     p = progress_path(Path(out))
     try:
         info = json.loads(p.read_text())

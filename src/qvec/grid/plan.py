@@ -27,7 +27,9 @@ from pathlib import Path
 from ..models import ModelSpec
 from ..probe import NOISE
 from ..quant import QuantSpec
+from ..recipe import Recipe
 from ..rules import MEAN_DONOR, SIGNALS, LambdaRule, get_rule, lam_key, select_lambda, signals_of  # noqa: F401  (select_lambda: re-exported)
+from ..tasks import local_task_files, resolve_data_dir
 from .artifacts import ArtifactStore, content_key, file_digest
 from .config import GridConfig
 from .params import BaselineParams, CellsParams, JobParams, PipelineParams
@@ -337,8 +339,6 @@ def _pipeline_jobs(config: GridConfig, name: str, seeds: list, quants: dict, ft:
 # ------------------------------------------------------------------------------------------------ planning
 def _task_identity(name: str, data_dir: Path | None) -> str:
     """What a task's data is: the digest of its local file, or its Hugging Face name."""
-    from ..tasks import local_task_files
-
     path = local_task_files(data_dir).get(name)
     return file_digest(path) if path is not None else name
 
@@ -422,8 +422,6 @@ class _Build:
 
 def build_plan(config: GridConfig, artifacts_root: str | Path) -> Plan:
     """The full job graph of ``config`` (validated) against an artifact store; pure, does no work."""
-    from ..tasks import resolve_data_dir
-
     spec: ModelSpec = config.model_spec()
     # Absolute, and $QVEC_DATA resolved here, so that workers on other processes read the same folder.
     data_dir = resolve_data_dir(config.data_path())
@@ -450,8 +448,6 @@ def build_plan(config: GridConfig, artifacts_root: str | Path) -> Plan:
 
 def _theta0_jobs(ctx: _Build) -> list[Job]:
     """theta_0: a pretraining job, the family's hub weights, or a weights file (sets ``ctx.theta0``)."""
-    from ..recipe import Recipe
-
     config, spec = ctx.config, ctx.spec
     if config.backbone == "hub":
         ctx.theta0 = {"key": content_key("hub", {"model": spec.to_json()}), "path": None}
@@ -475,8 +471,6 @@ def _theta0_jobs(ctx: _Build) -> list[Job]:
 
 def _training_jobs(ctx: _Build, jobs: list[Job]) -> tuple[dict[tuple, Job], dict[tuple, Job]]:
     """Per (task, seed): FT, and QAT at every bit-width; appended to ``jobs`` and returned by (task, bits, seed)."""
-    from ..recipe import Recipe
-
     config, spec = ctx.config, ctx.spec
     task_ids = {t: _task_identity(t, ctx.data_dir) for t in config.all_tasks}
     ft: dict[tuple, Job] = {}

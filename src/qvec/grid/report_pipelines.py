@@ -13,6 +13,7 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 
 from ..errors import QvecError
+from ..quant import get_quantizer
 from ..rules import MEAN_DONOR, LambdaRule, lam_key
 from .render import Table
 from .report_rules import RuleOutcome
@@ -28,8 +29,6 @@ def pipeline_of(kind: str) -> tuple[str, str] | None:
 
 def pipeline_label(name: str) -> str:
     """How a report names a quantizer: its config's ``label`` (``GPTQ``), or the name when not registered here."""
-    from ..quant import get_quantizer
-
     try:
         return get_quantizer(name).label
     except QvecError:

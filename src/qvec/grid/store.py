@@ -30,6 +30,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 from .. import __version__
+from ..checkpoint import atomic_path
 from ..errors import QvecError
 
 #: The database schema this code writes, kept in ``PRAGMA user_version``. An older database is migrated on open,
@@ -423,8 +424,6 @@ class ResultStore:
     # -------------------------------------------------------------------------------------------- export
     def export_csv(self, path: str | os.PathLike, study: str | None = None) -> Path:
         """All result columns as CSV (one row per result), written atomically."""
-        from ..checkpoint import atomic_path
-
         rows = self.results(study)
         path = Path(path)
         with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
@@ -441,8 +440,6 @@ class ResultStore:
             import pyarrow.parquet as pq
         except ImportError:
             raise QvecError("Parquet export needs pyarrow: pip install 'qvec[parquet]'") from None
-        from ..checkpoint import atomic_path
-
         rows = self.results(study)
         types = {"float": pa.float64(), "int": pa.int64(), "str": pa.string(),
                  "int | None": pa.int64(), "float | None": pa.float64()}

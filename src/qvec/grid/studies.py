@@ -17,6 +17,8 @@ from pathlib import Path
 
 from .. import __version__
 from ..errors import QvecError
+from ..synthetic import PRETRAIN_FILE, SYNTHETIC_TASKS, write_suite
+from ..tasks import local_task_files
 from .config import GridConfig, config_from_dict, load_config
 from .executors import Executor
 from .report import write_report
@@ -55,12 +57,8 @@ def _versions() -> str:
 
 def demo_config(workdir: Path, data: Path | None = None) -> GridConfig:
     """The demo grid: the generated synthetic suite, or every local task of ``data`` with its pretraining file."""
-    from ..tasks import local_task_files
-
     raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in DEMO_SETTINGS.items()}
     if data is None:
-        from ..synthetic import PRETRAIN_FILE, SYNTHETIC_TASKS, write_suite
-
         data = write_suite(workdir / "synthetic")
         raw["tasks"] = list(SYNTHETIC_TASKS)
         pre = data / PRETRAIN_FILE

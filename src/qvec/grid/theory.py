@@ -16,6 +16,7 @@ from ..checkpoint import Checkpoint
 from ..errors import QvecError
 from ..fisher import diagonal_fisher, predict, spearman
 from ..models import load_model
+from ..tasks import get_task
 from ..vector import QuantVector
 from .config import GridConfig
 from .plan import build_plan
@@ -50,8 +51,6 @@ def fisher_check(config: GridConfig, db: str | Path, artifacts: str | Path, bits
                  batch_size: int = 1, out_dir: str | Path | None = None) -> TheoryCheck:
     """Predict lambda* and recovery for every transfer pair at ``bits`` with H = I and H = diag Fisher of the
     receiver (``examples`` receiver training images), and correlate them with the study's results."""
-    from ..tasks import get_task
-
     if bits not in config.bits:
         raise QvecError(f"{config.source}: the study has bits {config.bits}, not {bits}")
     with ResultStore(db, create=False) as store:

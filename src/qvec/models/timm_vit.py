@@ -12,6 +12,7 @@ from torch import nn
 from ..errors import QvecError
 from .base import _BUILTIN_NAMES, DataConfig, ModelAdapter, ModelSpec, register_adapter
 from .hub import offline_error, require_weights_file
+from .loading import load_backbone_weights
 
 # Small ViTs for the CPU-scale replication: 32x32 inputs, 4x4 patches (64 tokens + class token).
 # Their training and evaluation throughput is in docs/training.md ("Training and evaluation throughput").
@@ -50,8 +51,6 @@ class SmallViTAdapter(ModelAdapter):
             )
         model = _check_patch_grid(build_small_vit(spec.name, spec.num_classes, **spec.options), spec)
         if weights:
-            from .loading import load_backbone_weights
-
             load_backbone_weights(model, weights, self)
         return model
 
@@ -108,8 +107,6 @@ class TimmAdapter(ModelAdapter):
         except OSError as e:  # hub download failed (offline, gated, missing file)
             raise offline_error(f"timm:{spec.name}", e, hint=f"hf download timm/{spec.name}") from None
         if weights:
-            from .loading import load_backbone_weights
-
             load_backbone_weights(model, weights, self)
         return model
 
