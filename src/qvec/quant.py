@@ -348,11 +348,6 @@ def get_quantizer(method: str, what: str = "quantizer") -> type:
     return cls
 
 
-def quantizer_grid(config: QuantizerConfig) -> QuantSpec:
-    """The integer grid of a quantizer config: RTN's QuantSpec itself, or a calibrated config's ``grid``."""
-    return config.grid
-
-
 @torch.no_grad()
 def quantize_(model: nn.Module, spec: QuantizerConfig, targets: Sequence[Target] | None = None,
               calibration: torch.Tensor | None = None) -> list[str]:

@@ -15,6 +15,12 @@ from ..atomic import atomic_path
 from ..errors import QvecError
 
 
+def nanmean(xs) -> float:
+    """Mean of the values that are not NaN (a missing cell), NaN when none is."""
+    v = [x for x in xs if not math.isnan(x)]
+    return sum(v) / len(v) if v else float("nan")
+
+
 @dataclass
 class Table:
     """A titled table that renders to Markdown and CSV. Cells are strings or numbers (floats shown at 1 dp)."""

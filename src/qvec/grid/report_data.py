@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from ..errors import QvecError
 from ..rules import MEAN_DONOR, LambdaRule
 from .plan import lam_key, select_lambda
-from .report_pipelines import pipeline_cost, pipeline_of, pipeline_patched
+from .render import nanmean
+from .report_pipelines import pipeline_cost, pipeline_patched
 from .report_rules import MIN_GAP_POINTS, RuleOutcome, rule_outcomes, study_rules
 from .store import ResultStore
 
@@ -102,10 +103,6 @@ def pooled_recovery(pairs: Sequence[Pair], attr: str) -> float:
     return sum(getattr(p, attr) for p in ok) / gap if gap else NAN
 
 
-def _mean(xs: Iterable[float]) -> float:
-    v = [x for x in xs if not math.isnan(x)]
-    return sum(v) / len(v) if v else NAN
-
 
 def _ordered(names: Iterable[str], preferred: Sequence[str]) -> list[str]:
     names = set(names)
@@ -137,7 +134,7 @@ def load_study(store: ResultStore, study: str | None = None) -> StudyData:
     test: dict[tuple, dict[str, float]] = defaultdict(dict)
     cost: dict[tuple, list[float]] = defaultdict(list)
     for r in rows:
-        if r.kind == "score" or r.donor == MEAN_DONOR or (pipeline_of(r.kind) or ("",))[-1] == "patched":
+        if r.kind == "score" or r.donor == MEAN_DONOR or r.kind.endswith(":patched"):
             # report_rules / report_pipelines
             continue
         if r.kind != "patched":
@@ -151,7 +148,7 @@ def load_study(store: ResultStore, study: str | None = None) -> StudyData:
             test[pk][lam_key(r.lam)] = 100.0 * r.value
             if lam_key(r.lam) == lam_key(1.0):  # the zero-shot deployment: one addition, one PTQ pass
                 cost[(r.receiver, r.bits)].append(r.patch_seconds + r.ptq_seconds)
-    baselines = {k: _mean(v) for k, v in base_acc.items()}
+    baselines = {k: nanmean(v) for k, v in base_acc.items()}
     grid = [float(v) for v in config.get("lambdas", [])]
     per_pair: dict[tuple, list[tuple[float, float, float]]] = defaultdict(list)
     for pk, accs in test.items():
@@ -167,7 +164,7 @@ def load_study(store: ResultStore, study: str | None = None) -> StudyData:
         per_pair[(bits, donor, recv)].append((accs[lam_key(1.0)], acc_star, lam_star))
     pairs = []
     for (bits, donor, recv), vals in sorted(per_pair.items()):
-        pairs.append(Pair(bits, donor, recv, _mean(a for a, _, _ in vals), _mean(s for _, s, _ in vals),
+        pairs.append(Pair(bits, donor, recv, nanmean(a for a, _, _ in vals), nanmean(s for _, s, _ in vals),
                           _median_lambda([lam for _, _, lam in vals]),
                           baselines.get(("ft_ptq", recv, bits), NAN), baselines.get(("qat_ptq", recv, bits), NAN)))
     tasks = config.get("tasks", [])
@@ -176,5 +173,5 @@ def load_study(store: ResultStore, study: str | None = None) -> StudyData:
     bits_list = sorted({r.bits for r in rows if r.bits is not None})
     qat_cost = {(t.task, t.bits): t.seconds for t in store.trainings(study) if t.bits is not None}
     return StudyData(study, rows[0].model, receivers, donors, bits_list, baselines, pairs,
-                     {k: _mean(v) for k, v in cost.items()}, qat_cost, config, len(seeds),
+                     {k: nanmean(v) for k, v in cost.items()}, qat_cost, config, len(seeds),
                      rule_outcomes(rows, config, baselines), pipeline_patched(rows), pipeline_cost(rows))

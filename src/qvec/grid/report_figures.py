@@ -16,8 +16,8 @@ import math
 from pathlib import Path
 
 from .plan import lam_key
-from .render import _plt, _save, register_figure, unregister_figure
-from .report_data import SEL, ZS, StudyData, _mean, study_rules_domain
+from .render import _plt, _save, nanmean, register_figure, unregister_figure
+from .report_data import SEL, ZS, StudyData, study_rules_domain
 from .report_rules import rules_figure
 
 __all__ = ["bars_figure", "heatmap_figure", "lambda_figure", "ptq_loss_figure", "radar_figure", "register_figure",
@@ -124,8 +124,8 @@ def radar_figure(data: StudyData, out_dir: Path) -> list[Path]:
         pairs = data.pairs_at(b)
         per_bits[b] = {
             "FT+PTQ": [data.base("ft_ptq", r, b) for r in recvs],
-            "patched λ=1": [_mean(p.acc_one for p in pairs if p.receiver == r) for r in recvs],
-            "patched λ*": [_mean(p.acc_star for p in pairs if p.receiver == r) for r in recvs],
+            "patched λ=1": [nanmean(p.acc_one for p in pairs if p.receiver == r) for r in recvs],
+            "patched λ*": [nanmean(p.acc_star for p in pairs if p.receiver == r) for r in recvs],
             "QAT+PTQ": [data.base("qat_ptq", r, b) for r in recvs],
         }
     values = [v for series in per_bits.values() for vals in series.values() for v in vals if not math.isnan(v)]

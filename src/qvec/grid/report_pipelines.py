@@ -8,14 +8,13 @@ quantizers are measured at. Column labels come from the quantizer configs (``Qua
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 
 from ..errors import QvecError
 from ..quant import get_quantizer
 from ..rules import MEAN_DONOR, LambdaRule, lam_key
-from .render import Table
+from .render import Table, nanmean
 from .report_rules import RuleOutcome
 
 NAN = float("nan")
@@ -59,10 +58,6 @@ def pipeline_cost(rows: Sequence) -> dict[str, tuple[float, int]]:
     return {q: (sum(v) / len(v), int(imgs[q]) if imgs[q].isdigit() else 0) for q, v in secs.items()}
 
 
-def _mean(xs) -> float:
-    v = [x for x in xs if not math.isnan(x)]
-    return sum(v) / len(v) if v else NAN
-
 
 def pipelines_table(baselines: Mapping[tuple, float], outcomes: Sequence[RuleOutcome],
                     pipelines: Mapping[str, Mapping[tuple, dict]], receivers: Sequence[str], bits: int,
@@ -86,7 +81,7 @@ def pipelines_table(baselines: Mapping[tuple, float], outcomes: Sequence[RuleOut
                 vals.append(baselines.get((f"{q}:ft_ptq", recv, bits), NAN))
             else:
                 vals.append(pipelines[q].get((bits, o.donor, recv), {}).get(lam_key(o.lam), NAN))
-        return _mean(vals)
+        return nanmean(vals)
 
     def block(q: str | None, recv: str) -> list[float]:
         ft = baselines.get((f"{q}:ft_ptq" if q else "ft_ptq", recv, bits), NAN)
@@ -100,7 +95,7 @@ def pipelines_table(baselines: Mapping[tuple, float], outcomes: Sequence[RuleOut
         row.append(baselines.get(("qat_ptq", r, bits), NAN))
         row += [baselines.get((f"{q}:qat_ptq", r, bits), NAN) for q in names]
         rows.append([*row, baselines.get(("ft", r, None), NAN)])
-    rows.append(["mean", *[_mean(row[i] for row in rows) for i in range(1, len(rows[0]))]])
+    rows.append(["mean", *[nanmean(row[i] for row in rows) for i in range(1, len(rows[0]))]])
     header = ["Receiver"]
     for lab in ["RTN", *(pipeline_label(q) for q in names)]:
         header += [f"{lab}(FT)", f"{lab} λ=1", f"{lab} λ*", f"{lab} {label}"]

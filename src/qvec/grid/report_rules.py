@@ -12,13 +12,13 @@ from __future__ import annotations
 import math
 import statistics
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..rules import MEAN_DONOR, LambdaRule, get_rule, lam_key
 from .plan import pair_choices
-from .render import Table, _plt, _save
+from .render import Table, _plt, _save, nanmean
 
 NAN = float("nan")
 #: Receivers whose QAT ceiling is within this many points of FT+PTQ have nothing to recover; their recovery
@@ -66,10 +66,6 @@ def study_rules(config: Mapping) -> list[LambdaRule]:
     return list(out.values())
 
 
-def _mean(xs: Iterable[float]) -> float:
-    v = [x for x in xs if not math.isnan(x)]
-    return sum(v) / len(v) if v else NAN
-
 
 def rule_outcomes(rows: Sequence, config: Mapping, baselines: Mapping[tuple, float]) -> list[RuleOutcome]:
     """Every (rule, pair) outcome of a study's rows; pairs without a measured choice on test are left out."""
@@ -110,9 +106,9 @@ def rule_outcomes(rows: Sequence, config: Mapping, baselines: Mapping[tuple, flo
     out = []
     for (rule, bits, donor, recv), vals in sorted(per.items()):
         out.append(RuleOutcome(rule, bits, donor, recv, statistics.median_low([v[1] for v in vals]),
-                               _mean(v[0] for v in vals), baselines.get(("ft_ptq", recv, bits), NAN),
-                               baselines.get(("qat_ptq", recv, bits), NAN), _mean(v[2] for v in vals),
-                               _mean(v[3] for v in vals)))
+                               nanmean(v[0] for v in vals), baselines.get(("ft_ptq", recv, bits), NAN),
+                               baselines.get(("qat_ptq", recv, bits), NAN), nanmean(v[2] for v in vals),
+                               nanmean(v[3] for v in vals)))
     return out
 
 
@@ -203,13 +199,13 @@ def donor_table(outs: Sequence[RuleOutcome], rules: Sequence[LambdaRule], bits: 
         per_donor = defaultdict(list)
         for o in single:
             per_donor[o.donor].append(o.delta)
-        best_fixed = max(_mean(v) for v in per_donor.values())
+        best_fixed = max(nanmean(v) for v in per_donor.values())
         mean_d = [o.delta for o in mine if o.donor == MEAN_DONOR]
         chosen = [o.delta for o in choose_donors(mine, r, with_mean=False)]
         chosen_m = [o.delta for o in choose_donors(mine, r, with_mean=True)] if has_mean else []
-        rows.append([r.name, r.uses, _mean(o.delta for o in single), best_fixed, _mean(mean_d) if mean_d else NAN,
-                     _mean(chosen) if chosen else NAN, min(chosen) if chosen else NAN,
-                     _mean(chosen_m) if chosen_m else NAN, min(chosen_m) if chosen_m else NAN])
+        rows.append([r.name, r.uses, nanmean(o.delta for o in single), best_fixed, nanmean(mean_d) if mean_d else NAN,
+                     nanmean(chosen) if chosen else NAN, min(chosen) if chosen else NAN,
+                     nanmean(chosen_m) if chosen_m else NAN, min(chosen_m) if chosen_m else NAN])
     if not rows:
         return None
     sfx = f"; receivers in the probe's domain ({', '.join(domain)}) left out" if domain else ""
@@ -244,7 +240,7 @@ def rules_figure(outs: Sequence[RuleOutcome], rules: Sequence[LambdaRule], bits_
             ax.scatter([i + j for j in jit[len(out_d):]], in_d, s=14, facecolors="none", edgecolors="#c44e52",
                        zorder=3)
             if out_d:
-                ax.hlines(_mean(out_d), i - 0.35, i + 0.35, color="black", lw=2, zorder=4)
+                ax.hlines(nanmean(out_d), i - 0.35, i + 0.35, color="black", lw=2, zorder=4)
         ax.axhline(0, color="0.4", lw=0.8)
         ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
         ax.set_ylabel("Δ over FT+PTQ (points)")

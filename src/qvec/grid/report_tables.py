@@ -13,8 +13,8 @@ import math
 import statistics
 from collections.abc import Sequence
 
-from .render import Table, register_table
-from .report_data import NAN, SEL, StudyData, _mean, pooled_recovery, study_rules_domain
+from .render import Table, nanmean, register_table
+from .report_data import NAN, SEL, StudyData, pooled_recovery, study_rules_domain
 from .report_pipelines import pipelines_table
 from .report_rules import MIN_GAP_POINTS, donor_table, rules_tables
 
@@ -66,8 +66,8 @@ def baseline_table(data: StudyData, bits: int) -> Table:
 def ptq_loss_table(data: StudyData) -> Table:
     rows = [[r, data.base("ft", r), *[data.base("ft", r) - data.base("ft_ptq", r, b) for b in data.bits]]
             for r in data.receivers]
-    rows.append(["mean", _mean(row[1] for row in rows),
-                 *[_mean(row[2 + i] for row in rows) for i in range(len(data.bits))]])
+    rows.append(["mean", nanmean(row[1] for row in rows),
+                 *[nanmean(row[2 + i] for row in rows) for i in range(len(data.bits))]])
     return Table("ptq_loss", "What RTN costs: FT − FT+PTQ (points) per task and bit-width",
                  ["Task", "FT acc."] + [f"{b}-bit" for b in data.bits], rows,
                  "The study is informative only where PTQ hurts: a task that loses little has little to recover.")
@@ -81,8 +81,8 @@ def recovery_table(data: StudyData, bits: int) -> Table:
         if not mine:
             continue
         gap = mine[0].gap
-        rows.append([r, gap, _mean(p.delta_one for p in mine), _mean(p.recovery(p.delta_one) for p in mine),
-                     _mean(p.delta_star for p in mine), _mean(p.recovery(p.delta_star) for p in mine)])
+        rows.append([r, gap, nanmean(p.delta_one for p in mine), nanmean(p.recovery(p.delta_one) for p in mine),
+                     nanmean(p.delta_star for p in mine), nanmean(p.recovery(p.delta_star) for p in mine)])
     return Table(f"recovery_w{bits}", f"Recovery ratio at {bits}-bit: Δ / (QAT+PTQ − FT+PTQ), mean over donors",
                  ["Receiver", "Gap (pts)", "Mean Δ λ=1", "Recovery λ=1", "Mean Δ λ*", "Recovery λ*"], rows,
                  f"Recovery is undefined (–) where the gap is under {MIN_GAP_POINTS:g} points; 1.0 = the receiver's "
@@ -116,9 +116,9 @@ def summary_table(data: StudyData) -> Table:
         ds = [p.delta_star for p in pairs if not math.isnan(p.delta_star)]
         lams = [p.lam_star for p in pairs if not math.isnan(p.lam_star)]
         rows.append([
-            b, len(pairs), _mean(loss), _mean(gains),
-            _mean(d1), statistics.median(d1) if d1 else NAN, 100.0 * sum(x > 0 for x in d1) / len(d1) if d1 else NAN,
-            _mean(ds), 100.0 * sum(x > 0 for x in ds) / len(ds) if ds else NAN,
+            b, len(pairs), nanmean(loss), nanmean(gains),
+            nanmean(d1), statistics.median(d1) if d1 else NAN, 100.0 * sum(x > 0 for x in d1) / len(d1) if d1 else NAN,
+            nanmean(ds), 100.0 * sum(x > 0 for x in ds) / len(ds) if ds else NAN,
             f"{statistics.median(lams):g}" if lams else "–",
             pooled_recovery(pairs, "delta_one"), pooled_recovery(pairs, "delta_star"),
         ])
@@ -140,7 +140,7 @@ def ptq_verdict(data: StudyData, threshold: float = 10.0) -> tuple[int, str]:
     hurt = {}
     for b in data.bits:
         losses = [data.base("ft", r) - data.base("ft_ptq", r, b) for r in data.receivers]
-        hurt[b] = (sum(x >= threshold for x in losses), _mean(losses))
+        hurt[b] = (sum(x >= threshold for x in losses), nanmean(losses))
     lead = max(data.bits, key=lambda b: (hurt[b][0], b))
     n = len(data.receivers)
     parts = [f"{b}-bit: {hurt[b][0]} of {n} tasks lose ≥ {threshold:g} points (mean loss {hurt[b][1]:.1f})"
