@@ -96,3 +96,25 @@ def test_gptq_config_checks():
     with pytest.raises(QvecError, match="damp must be in"):
         GPTQConfig(3, damp=0.0)
     assert str(GPTQConfig(2)) == "gptq-w2-sym-channel" and GPTQConfig(2).grid == QuantSpec(2)
+
+
+def test_calibration_passes_stop_after_the_block_without_changing_the_result(monkeypatch):
+    """Each block's calibration pass ends at that block (its later outputs are unused): same weights as running
+    the whole model every time, in less time."""
+    import qvec.gptq as gptq
+    from qvec.models import ModelSpec, build_model, get_adapter
+
+    spec = ModelSpec.parse("qvec:vit-nano", num_classes=4)
+    torch.manual_seed(0)
+    base = build_model(spec).eval()
+    x = torch.rand(16, 3, 32, 32)
+    early, full = copy.deepcopy(base), copy.deepcopy(base)
+    calls = []
+    real = gptq._stop_after
+    monkeypatch.setattr(gptq, "_stop_after", lambda m, b: calls.append(b) or real(m, b))
+    quantize_(early, GPTQConfig(3), get_adapter(spec).targets(early), calibration=x)
+    assert calls and all(c.startswith("blocks.") for c in calls)
+    monkeypatch.setattr(gptq, "_stop_after", lambda m, b: None)
+    quantize_(full, GPTQConfig(3), get_adapter(spec).targets(full), calibration=x)
+    fs = full.state_dict()
+    assert all(torch.equal(v, fs[k]) for k, v in early.state_dict().items())

@@ -87,6 +87,23 @@ def _block_of(key: str) -> str:
     return key
 
 
+class _BlockDone(Exception):
+    """Raised by the hook on a block once its targets have seen their inputs: the rest of the forward is not needed."""
+
+
+def _stop_after(model: nn.Module, block: str):
+    """A forward hook that ends the calibration pass after ``block`` (None when ``block`` names no module)."""
+    try:
+        module = model.get_submodule(block)
+    except AttributeError:
+        return None
+
+    def stop(*_args) -> None:
+        raise _BlockDone
+
+    return module.register_forward_hook(stop)
+
+
 class _Hessian:
     """Running H = 2 X^T X / N of a module's inputs (a forward pre-hook)."""
 
@@ -194,9 +211,15 @@ def gptq_quantize_(model: nn.Module, config: GPTQConfig, targets: Sequence[Targe
                 w = _raw_param(t.module, t.attr)
                 hess[t.key] = _Hessian(w.reshape(w.shape[0], -1).shape[1])
                 hooks.append(t.module.register_forward_pre_hook(hess[t.key]))
+            stop = _stop_after(model, _block_of(members[0].key))  # later blocks' outputs are not used
+            if stop is not None:
+                hooks.append(stop)
             try:
                 for s in range(0, len(x), batch_size):
-                    model(x[s : s + batch_size])
+                    try:
+                        model(x[s : s + batch_size])
+                    except _BlockDone:
+                        pass
             finally:
                 for hk in hooks:
                     hk.remove()
