@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 
+from qvec.data.probe import load_probe
 from qvec.models import ModelSpec, build_model, checkpoint_from_model, get_adapter
-from qvec.probe import load_probe
 from qvec.quant import QuantSpec
-from qvec.selection import choose_lambda
-from qvec.vector import QuantVector
+from qvec.vectors.selection import choose_lambda
+from qvec.vectors.vector import QuantVector
 
 RULES = ("weight", "agree", "agree:top1")
 

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import torch
 
-from qvec.checkpoint import Checkpoint
+from qvec.core.checkpoint import Checkpoint
 from qvec.models import ModelSpec, build_model, get_adapter
-from qvec.pack import pack_checkpoint
-from qvec.quant import QuantSpec, quantize_state_dict_
-from qvec.vector import QuantVector
+from qvec.quant import QuantSpec, find_targets, quantize_state_dict_
+from qvec.quant.pack import pack_checkpoint
+from qvec.vectors.vector import QuantVector
 
 GB = 1e9
 
@@ -52,7 +52,7 @@ def bench_model(spec: ModelSpec, repeats: int, bw: float) -> list[tuple[str, flo
     qat = {k: v + 1e-3 * torch.randn_like(v) if v.is_floating_point() else v for k, v in ft.items()}
     recv = {k: v + 1e-2 * torch.randn_like(v) if v.is_floating_point() else v for k, v in ft.items()}
     keys = adapter.backbone_keys(ft)
-    targets = [t.key for t in adapter.targets(model)]
+    targets = [t.key for t in find_targets(model, adapter.head_prefixes)]
     vbytes = sum(ft[k].numel() * ft[k].element_size() for k in keys)
     tbytes = sum(ft[k].numel() * ft[k].element_size() for k in targets)
 

@@ -15,6 +15,7 @@ import time
 import torch
 
 from qvec import GPTQConfig, ModelSpec, QuantSpec, build_model, get_adapter, quantize_
+from qvec.quant import find_targets
 
 
 def main() -> None:
@@ -30,7 +31,7 @@ def main() -> None:
     model = build_model(spec).eval()
     adapter = get_adapter(spec)
     size = adapter.data_config(spec, model).image_size
-    targets = adapter.targets(model)
+    targets = find_targets(model, adapter.head_prefixes)
     x = torch.rand(args.images, 3, size, size)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     t0 = time.perf_counter()
@@ -44,7 +45,7 @@ def main() -> None:
     fwd = time.perf_counter() - t0
     model.load_state_dict(state)
     t0 = time.perf_counter()
-    quantize_(model, GPTQConfig(args.bits), targets, calibration=x)
+    quantize_(model, GPTQConfig(QuantSpec(args.bits)), targets, calibration=x)
     gptq = time.perf_counter() - t0
     print(f"{spec} at {size} px, {len(targets)} target weights, {args.images} calibration images, "
           f"{args.threads} threads")

@@ -22,12 +22,12 @@ from pathlib import Path
 
 import torch
 
-from qvec.checkpoint import META_FINGERPRINT, META_KIND, META_TASK
+from qvec.core.checkpoint import META_FINGERPRINT, META_KIND, META_TASK
+from qvec.data.tasks import get_task
 from qvec.grid import build_plan, load_config, run_grid
 from qvec.grid.executors import make_executor
 from qvec.grid.store import ResultStore
 from qvec.models import build_model, checkpoint_from_model
-from qvec.tasks import get_task
 
 ROOT = Path(__file__).resolve().parents[1]
 

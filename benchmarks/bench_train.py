@@ -19,17 +19,17 @@ import torch
 import torch.nn.functional as F
 
 from qvec.models import ModelSpec, build_model, get_adapter
-from qvec.qat import prepare_qat
-from qvec.quant import QuantSpec
-from qvec.recipe import SMALL_FINETUNE
-from qvec.train import trainable_parameters
+from qvec.quant import QuantSpec, find_targets
+from qvec.quant.qat import prepare_qat
+from qvec.train.recipe import SMALL_FINETUNE
+from qvec.train.trainer import trainable_parameters
 
 
 def make(spec: ModelSpec, qat: QuantSpec | None):
     torch.manual_seed(0)
     model = build_model(spec)
     if qat is not None:
-        prepare_qat(model, qat, get_adapter(spec).targets(model))
+        prepare_qat(model, qat, find_targets(model, get_adapter(spec).head_prefixes))
     params = trainable_parameters(model)
     return model, params, torch.optim.AdamW(params, lr=1e-4, weight_decay=0.1)
 
@@ -81,7 +81,7 @@ def main() -> None:
         e_ft.append(eval_time(ft[0], xe))
         e_qat.append(eval_time(qat[0], xe))
     med = statistics.median
-    n_targets = len(get_adapter(spec).targets(build_model(spec)))
+    n_targets = len(find_targets(build_model(spec), get_adapter(spec).head_prefixes))
     print(f"model {spec} ({sum(p.numel() for p in ft[1]) / 1e6:.2f} M params, {n_targets} quantized Linear "
           f"weights), QAT {q}, torch threads {torch.get_num_threads()}, {args.steps} timed steps (median)")
     print(f"train  FT : {args.batch / med(t_ft):7.1f} img/s  ({1000 * med(t_ft):.1f} ms/step of {args.batch})")

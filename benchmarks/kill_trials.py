@@ -84,7 +84,7 @@ def _job_runs(db: Path) -> Counter:
 
 
 def grid_trials(root: Path, trials: int, rng: random.Random) -> dict[str, int]:
-    from qvec.synthetic import write_suite
+    from qvec.data.synthetic import write_suite
 
     data = write_suite(root / "data", tasks=["syn_glyphs", "syn_shapes"], n_train=300, n_test=80, n_pretrain=300)
     config = root / "tiny.toml"

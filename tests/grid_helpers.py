@@ -9,7 +9,7 @@ TINY_TASKS = ["syn_glyphs", "syn_shapes"]
 
 def tiny_suite(root: Path) -> Path:
     """A small synthetic suite (written once per folder)."""
-    from qvec.synthetic import write_suite
+    from qvec.data.synthetic import write_suite
 
     return write_suite(root / "data", tasks=TINY_TASKS, n_train=300, n_test=80, n_pretrain=300)
 

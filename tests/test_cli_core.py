@@ -9,10 +9,10 @@ import sys
 import pytest
 import torch
 
-from qvec.checkpoint import Checkpoint
 from qvec.cli import main
-from qvec.pack import load_packed
-from qvec.vector import QuantVector
+from qvec.core.checkpoint import Checkpoint
+from qvec.quant.pack import load_packed
+from qvec.vectors.vector import QuantVector
 
 
 def run(capsys, *args: str) -> tuple[int, str]:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qvec.checkpoint import META_CLASSES, Checkpoint
-from qvec.errors import QvecError
-from qvec.evaluate import EvalResult, evaluate, evaluate_checkpoint, infer_data_config
+from qvec.core.checkpoint import META_CLASSES, Checkpoint
+from qvec.core.errors import QvecError
+from qvec.data.tasks import load_npz_task, normalize
 from qvec.models import ModelSpec, build_model, checkpoint_from_model, get_adapter, load_model
-from qvec.quant import QuantSpec, quantize_
-from qvec.tasks import load_npz_task, normalize
+from qvec.quant import QuantSpec, find_targets, quantize_
+from qvec.train.evaluate import EvalResult, evaluate, evaluate_checkpoint, infer_data_config
 
 from .tinytask import write_task
 
@@ -78,7 +78,7 @@ def test_evaluate_checkpoint_with_ptq(task, ckpt_path):
     q = QuantSpec(2)
     res = evaluate_checkpoint(ckpt_path, task, "test", q)
     model, adapter, _ = load_model(Checkpoint.load(ckpt_path))
-    quantize_(model, q, adapter.targets(model))
+    quantize_(model, q, find_targets(model, adapter.head_prefixes))
     assert res.correct == _manual_top1(model, task)
     plain = evaluate_checkpoint(Checkpoint.load(ckpt_path), task)
     model, _, _ = load_model(Checkpoint.load(ckpt_path))

@@ -18,15 +18,15 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from qvec.errors import QvecError
+from qvec.core.errors import QvecError
 from qvec.models import ModelSpec, build_model, checkpoint_from_model, get_adapter, load_model
-from qvec.pack import load_packed, pack_checkpoint
-from qvec.ptq import quantize_checkpoint, target_keys
-from qvec.qat import convert_qat, prepare_qat
-from qvec.quant import QuantSpec, quantize_
-from qvec.templates import GENERIC_TEMPLATES, TEMPLATES, canonical_task, get_templates
-from qvec.vector import QuantVector
-from qvec.zeroshot import TextTower, ZeroShotClassifier, build_head, head_cache_path, zeroshot_weights
+from qvec.models.templates import GENERIC_TEMPLATES, TEMPLATES, canonical_task, get_templates
+from qvec.models.zeroshot import TextTower, ZeroShotClassifier, build_head, head_cache_path, zeroshot_weights
+from qvec.quant import QuantSpec, TargetFilter, find_targets, quantize_
+from qvec.quant.pack import load_packed, pack_checkpoint
+from qvec.quant.ptq import quantize_checkpoint, target_keys
+from qvec.quant.qat import convert_qat, prepare_qat
+from qvec.vectors.vector import QuantVector
 
 REPO = Path(__file__).resolve().parents[1]
 OC_NAME = "qvec-test-tiny-clip"
@@ -116,7 +116,7 @@ def pretrained(family: str, oc_file: Path, hf_clip_dir: Path, classes: list[str]
 def train_step(model: nn.Module, adapter, spec: ModelSpec, qat: QuantSpec | None = None, seed: int = 1) -> None:
     """One AdamW step on a random batch, the head frozen when the family says so (SPEC section 4)."""
     if qat is not None:
-        prepare_qat(model, qat, adapter.targets(model))
+        prepare_qat(model, qat, find_targets(model, adapter.head_prefixes))
     if not adapter.trainable_head(spec):
         for name, p in model.named_parameters():
             if adapter.is_head(name):
@@ -156,15 +156,15 @@ def test_open_clip_backbone_keys_and_targets():
     blk = "visual.transformer.resblocks.{}."
     expected = [blk.format(i) + s for i in range(2)
                 for s in ("attn.in_proj_weight", "attn.out_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")]
-    assert [t.key for t in adapter.targets(model)] == expected
-    without = [t.key for t in adapter.targets(model, include_in_proj=False)]
+    assert [t.key for t in find_targets(model, adapter.head_prefixes)] == expected
+    without = [t.key for t in find_targets(model, adapter.head_prefixes, TargetFilter(in_proj=False))]
     assert without == [k for k in expected if "in_proj" not in k]
     assert target_keys(spec) == expected  # the meta-device build of PTQ sees the same targets
-    assert target_keys(spec, include_in_proj=False) == without
+    assert target_keys(spec, TargetFilter(in_proj=False)) == without
 
     # PTQ: the fused projections are quantized, visual.proj, the patch embedding and the head stay float.
     before = {k: v.clone() for k, v in state.items()}
-    quantize_(model, QuantSpec(bits=3), adapter.targets(model))
+    quantize_(model, QuantSpec(bits=3), find_targets(model, adapter.head_prefixes))
     after = model.state_dict()
     for k in expected:
         assert distinct_per_row_at_most(after[k], 8) and not torch.equal(after[k], before[k])
@@ -182,7 +182,7 @@ def test_hf_backbone_keys_and_targets(hf_clip_dir):
     per_layer = ("self_attn.k_proj", "self_attn.v_proj", "self_attn.q_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2")
     expected = {f"vision_model.encoder.layers.{i}.{m}.weight" for i in range(2) for m in per_layer}
     expected.add("visual_projection.weight")  # an nn.Linear in transformers (OpenCLIP's proj is a parameter)
-    assert {t.key for t in adapter.targets(model)} == expected
+    assert {t.key for t in find_targets(model, adapter.head_prefixes)} == expected
     assert set(target_keys(spec)) == expected
 
     vspec = ModelSpec("hf-vit", "tiny-vit", 5, {"config": vit_config()})
@@ -191,7 +191,7 @@ def test_hf_backbone_keys_and_targets(hf_clip_dir):
     vkeys = vadapter.backbone_keys(vit.state_dict())
     assert {"classifier.weight", "classifier.bias"} & set(vkeys) == set()
     assert set(vkeys) == {k for k in vit.state_dict() if k.startswith("vit.")}
-    vt = [t.key for t in vadapter.targets(vit)]
+    vt = [t.key for t in find_targets(vit, vadapter.head_prefixes)]
     assert len(vt) == 2 * 6 and not any(k.startswith("classifier") for k in vt)
     assert vadapter.trainable_head(vspec) and not adapter.trainable_head(spec)
     assert vit(torch.randn(2, 3, IMG, IMG)).shape == (2, 5)
@@ -237,7 +237,7 @@ def test_zeroshot_head_by_hand(head_cache):
     w1 = build_head(tower, ["cat", "dog"], ["a {}.", "the {}."], task="pets")
     path = head_cache_path(tower, ["cat", "dog"], ["a {}.", "the {}."], "pets", head_cache)
     assert path.is_file()
-    from qvec.checkpoint import read_safetensors, save_safetensors
+    from qvec.core.checkpoint import read_safetensors, save_safetensors
 
     tensors, meta = read_safetensors(path)
     save_safetensors(path, {"weight": tensors["weight"] * 2}, meta)
@@ -302,10 +302,10 @@ def test_ft_qat_vector_patch_pack(family, oc_file, hf_clip_dir, tmp_path):
     assert all(torch.equal(v, theta0[k]) for k, v in qat.state_dict().items())  # QAT starts from theta_0 too
 
     # The QAT forward sees exactly the PTQ'd weights (fused in_proj included), gradients reach latent weights.
-    prepare_qat(qat, qspec, adapter.targets(qat))
+    prepare_qat(qat, qspec, find_targets(qat, adapter.head_prefixes))
     x = torch.randn(2, 3, IMG, IMG)
     ptq_copy, _, _ = pretrained(family, oc_file, hf_clip_dir, donor_classes, "MNIST")
-    quantize_(ptq_copy, qspec, adapter.targets(ptq_copy))
+    quantize_(ptq_copy, qspec, find_targets(ptq_copy, adapter.head_prefixes))
     with torch.no_grad():
         torch.testing.assert_close(qat.eval()(x), ptq_copy.eval()(x), rtol=1e-5, atol=1e-5)
     convert_qat(qat)
@@ -350,13 +350,13 @@ def test_ft_qat_vector_patch_pack(family, oc_file, hf_clip_dir, tmp_path):
     assert model(x).shape == (2, len(recv_classes))
 
     # PTQ (the authors' setting: in_proj_weight stays float) and a real 3-bit pack that reloads.
-    ptq = quantize_checkpoint(patched, qspec, include_in_proj=False)
-    for k in target_keys(rspec, include_in_proj=False):
+    ptq = quantize_checkpoint(patched, qspec, TargetFilter(in_proj=False))
+    for k in target_keys(rspec, TargetFilter(in_proj=False)):
         assert distinct_per_row_at_most(ptq.state[k], 8)
     for k in fused:
         assert torch.equal(ptq.state[k], patched.state[k])
     out = tmp_path / "packed.safetensors"
-    pack_checkpoint(patched, qspec, out, include_in_proj=False, scale_dtype="float32")
+    pack_checkpoint(patched, qspec, out, TargetFilter(in_proj=False), scale_dtype="float32")
     unpacked = load_packed(out)
     assert set(unpacked.state) == set(ptq.state)
     for k, v in ptq.state.items():
@@ -478,7 +478,7 @@ def test_checkpoint_rebuild_needs_no_weights(offline):
                     (ModelSpec("hf-clip", "openai/clip-vit-base-patch32", 10), 12 * 6 + 1)):
         with torch.device("meta"):
             model = build_model(spec)
-        assert len(get_adapter(spec).targets(model)) == n
+        assert len(find_targets(model, get_adapter(spec).head_prefixes)) == n
 
 
 def test_preprocessing_per_family(offline, hf_clip_dir):
@@ -509,7 +509,7 @@ def test_preprocessing_per_family(offline, hf_clip_dir):
 
 
 def test_templates_cover_the_paper_tasks():
-    from qvec.tasks import PAPER_TASKS
+    from qvec.data.tasks import PAPER_TASKS
 
     assert set(PAPER_TASKS) == set(TEMPLATES)
     for name in PAPER_TASKS:
@@ -526,7 +526,7 @@ PAPER_CONFIGS = sorted((REPO / "configs" / "paper").glob("*.toml"))
 def test_paper_configs():
     import open_clip
 
-    from qvec.tasks import PAPER_TASKS
+    from qvec.data.tasks import PAPER_TASKS
 
     assert len(PAPER_CONFIGS) == 10
     for path in PAPER_CONFIGS:
@@ -542,7 +542,7 @@ def test_paper_configs():
         if spec.family == "open_clip":
             assert spec.options["pretrained"] in open_clip.list_pretrained_tags_by_model(spec.name)
         with torch.device("meta"):
-            assert get_adapter(spec).targets(build_model(spec))
+            assert find_targets(build_model(spec), get_adapter(spec).head_prefixes)
 
 
 @pytest.mark.parametrize("path", PAPER_CONFIGS, ids=lambda p: p.stem)

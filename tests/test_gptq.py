@@ -10,13 +10,14 @@ import torch
 from torch import nn
 
 from qvec import GPTQConfig, QuantSpec, quantize_
-from qvec.checkpoint import Checkpoint
-from qvec.errors import QvecError
-from qvec.gptq import _Hessian, check_calibration, gptq_weight
+from qvec.core.checkpoint import Checkpoint
+from qvec.core.errors import QvecError
 from qvec.models import load_model
-from qvec.pack import load_packed, pack_checkpoint
-from qvec.ptq import quantize_checkpoint
 from qvec.quant import dequantize_codes, find_targets, quantize_codes
+from qvec.quant.calibration import check_calibration
+from qvec.quant.gptq import _Hessian, gptq_weight
+from qvec.quant.pack import load_packed, pack_checkpoint
+from qvec.quant.ptq import quantize_checkpoint
 
 from .cli_helpers import one_line_error, run
 
@@ -33,7 +34,7 @@ def test_gptq_beats_rtn_on_a_random_linear(spec):
     quantize_(rtn, spec, find_targets(rtn, ()))
     h = _Hessian(64)
     h(layer, (x,))
-    cfg = GPTQConfig(spec.bits, spec.symmetric, spec.granularity, spec.group_size)
+    cfg = GPTQConfig(spec)
     q, scale, zero = gptq_weight(layer.weight, h.h, cfg)
     gptq = copy.deepcopy(layer)
     with torch.no_grad():
@@ -52,7 +53,7 @@ def test_gptq_through_quantize_and_pack_round_trip(ckpts, tmp_path):
     model, adapter, spec = load_model(ck)
     size = adapter.data_config(spec, model).image_size
     calib = torch.rand(16, 3, size, size)
-    cfg = GPTQConfig(3)
+    cfg = GPTQConfig(QuantSpec(3))
     q = quantize_checkpoint(ck, cfg, calibration=calib)
     assert '"method": "gptq"' in q.meta["qvec.quant"] and '"images": 16' in q.meta["qvec.quant"]
     changed = [k for k in q.state if not torch.equal(q.state[k], ck.state[k])]
@@ -74,7 +75,7 @@ def test_gptq_calibration_errors(ckpts, tmp_path, capsys):
         check_calibration(torch.rand(8, 3, 16, 16), 32)
     ck = Checkpoint.load(ckpts["recv"])
     with pytest.raises(QvecError, match="but the model takes"):
-        quantize_checkpoint(ck, GPTQConfig(3), calibration=torch.rand(8, 3, 7, 7))
+        quantize_checkpoint(ck, GPTQConfig(QuantSpec(3)), calibration=torch.rand(8, 3, 7, 7))
     out = tmp_path / "q.safetensors"
     base = ["quantize", ckpts["recv"], "--method", "gptq", "-o", out]
     one_line_error(capsys, "--method gptq needs --calib", *base)
@@ -84,7 +85,8 @@ def test_gptq_calibration_errors(ckpts, tmp_path, capsys):
     one_line_error(capsys, "at least 8 calibration images, got 5", *base, "--calib", tmp_path / "few.npz")
     np.savez(tmp_path / "tiny.npz", x=np.zeros((20, 4, 4, 3), np.uint8))
     one_line_error(capsys, "probe images are 4x4", *base, "--calib", tmp_path / "tiny.npz")
-    one_line_error(capsys, "--method must be rtn or gptq", "quantize", ckpts["recv"], "--method", "awq", "-o", out)
+    one_line_error(capsys, "unknown --method 'awq'; known: rtn, clip, hqq, gptq", "quantize", ckpts["recv"],
+                   "--method", "awq", "-o", out)
     one_line_error(capsys, "--calib is for --method gptq", "quantize", ckpts["recv"], "--calib", "noise", "-o", out)
     assert not out.exists()
     assert run(capsys, *base, "--calib", "noise", "--calib-size", "16")[0] == 0 and out.is_file()
@@ -92,16 +94,16 @@ def test_gptq_calibration_errors(ckpts, tmp_path, capsys):
 
 def test_gptq_config_checks():
     with pytest.raises(QvecError, match="bits must be"):
-        GPTQConfig(9)
+        GPTQConfig(QuantSpec(9))
     with pytest.raises(QvecError, match="damp must be in"):
-        GPTQConfig(3, damp=0.0)
-    assert str(GPTQConfig(2)) == "gptq-w2-sym-channel" and GPTQConfig(2).grid == QuantSpec(2)
+        GPTQConfig(QuantSpec(3), damp=0.0)
+    assert str(GPTQConfig(QuantSpec(2))) == "gptq-w2-sym-channel" and GPTQConfig(QuantSpec(2)).grid == QuantSpec(2)
 
 
 def test_calibration_passes_stop_after_the_block_without_changing_the_result(monkeypatch):
     """Each block's calibration pass ends at that block (its later outputs are unused): same weights as running
     the whole model every time, in less time."""
-    import qvec.gptq as gptq
+    import qvec.quant.gptq as gptq
     from qvec.models import ModelSpec, build_model, get_adapter
 
     spec = ModelSpec.parse("qvec:vit-nano", num_classes=4)
@@ -112,9 +114,9 @@ def test_calibration_passes_stop_after_the_block_without_changing_the_result(mon
     calls = []
     real = gptq._stop_after
     monkeypatch.setattr(gptq, "_stop_after", lambda m, b: calls.append(b) or real(m, b))
-    quantize_(early, GPTQConfig(3), get_adapter(spec).targets(early), calibration=x)
+    quantize_(early, GPTQConfig(QuantSpec(3)), find_targets(early, get_adapter(spec).head_prefixes), calibration=x)
     assert calls and all(c.startswith("blocks.") for c in calls)
     monkeypatch.setattr(gptq, "_stop_after", lambda m, b: None)
-    quantize_(full, GPTQConfig(3), get_adapter(spec).targets(full), calibration=x)
+    quantize_(full, GPTQConfig(QuantSpec(3)), find_targets(full, get_adapter(spec).head_prefixes), calibration=x)
     fs = full.state_dict()
     assert all(torch.equal(v, fs[k]) for k, v in early.state_dict().items())

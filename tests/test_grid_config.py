@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from qvec.cli import main
-from qvec.errors import QvecError
+from qvec.core.errors import QvecError
 from qvec.grid.config import DEFAULT_LAMBDAS, load_config
 from qvec.quant import QuantSpec
 

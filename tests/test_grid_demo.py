@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from qvec.cli import main
-from qvec.errors import QvecError
+from qvec.core.errors import QvecError
 from qvec.grid import build_plan
 from qvec.grid.studies import DEMO_SETTINGS, demo_config
 

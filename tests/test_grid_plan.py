@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from qvec.cli import main
-from qvec.errors import QvecError
+from qvec.core.errors import QvecError
 from qvec.grid import build_plan, describe_plan, load_config, select_lambda
 from qvec.grid.plan import cell_key, lambdas_on_test
-from qvec.recipe import QUALITY_FINETUNE, QUALITY_PRETRAIN, SMALL_FINETUNE, SMALL_PRETRAIN, Recipe
+from qvec.train.recipe import QUALITY_FINETUNE, QUALITY_PRETRAIN, SMALL_FINETUNE, SMALL_PRETRAIN, Recipe
 
 from .conftest import shared_data_dir
 from .grid_helpers import tiny_config_text, tiny_suite

@@ -7,18 +7,18 @@ import shutil
 import pytest
 import torch
 
-from qvec.checkpoint import Checkpoint
-from qvec.errors import QvecError
-from qvec.evaluate import evaluate
+from qvec.core.checkpoint import Checkpoint
+from qvec.core.errors import QvecError
+from qvec.data.tasks import get_task
 from qvec.grid import build_plan, job_status, load_config, run_grid
 from qvec.grid.executors import make_executor
 from qvec.grid.report import write_report
 from qvec.grid.run import adopt_checkpoints
 from qvec.grid.store import ResultStore
 from qvec.models import get_adapter, load_model
-from qvec.quant import QuantSpec, quantize_
-from qvec.tasks import get_task
-from qvec.vector import QuantVector
+from qvec.quant import QuantSpec, find_targets, quantize_
+from qvec.train.evaluate import evaluate
+from qvec.vectors.vector import QuantVector
 
 from .grid_helpers import TINY_TASKS, table, write_tiny_config
 
@@ -70,7 +70,7 @@ def test_a_cell_equals_patch_then_ptq_done_by_hand(study):
     receiver = Checkpoint.load(job.params["receiver_ft"])
     patched = QuantVector.load(job.params["vector"]).apply(receiver, 1.0)
     model, adapter, spec = load_model(patched)
-    quantize_(model, QuantSpec(3), adapter.targets(model, True))
+    quantize_(model, QuantSpec(3), find_targets(model, adapter.head_prefixes))
     acc = evaluate(model, get_task("syn_shapes", cfg.data_path()), "test", limit=48,
                    config=get_adapter(spec).data_config(spec, model))
     with ResultStore(root / "tiny.db") as store:

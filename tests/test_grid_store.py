@@ -8,7 +8,7 @@ import sqlite3
 import pytest
 
 from qvec.cli import main
-from qvec.errors import QvecError
+from qvec.core.errors import QvecError
 from qvec.grid.store import COLUMNS, JobRecord, Result, ResultStore, Training
 
 

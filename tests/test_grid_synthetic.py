@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from qvec.errors import QvecError
-from qvec.synthetic import PRETRAIN_FILE, SYNTHETIC_TASKS, generate_task, write_suite
-from qvec.tasks import get_task, list_tasks, load_jpeg_corpus
+from qvec.core.errors import QvecError
+from qvec.data.synthetic import PRETRAIN_FILE, SYNTHETIC_TASKS, generate_task, write_suite
+from qvec.data.tasks import get_task, list_tasks, load_jpeg_corpus
 
 
 def test_suite_has_the_real_format_and_loads_as_tasks(tmp_path):

@@ -12,14 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from qvec import atomic
-from qvec.checkpoint import Checkpoint
-from qvec.errors import QvecError
+from qvec.core import atomic
+from qvec.core.checkpoint import Checkpoint
+from qvec.core.errors import QvecError
 from qvec.models import ModelSpec, build_model, get_adapter
-from qvec.pack import pack_checkpoint
-from qvec.ptq import quantize_checkpoint
-from qvec.quant import QuantSpec, fake_quantize, quantize_
-from qvec.vector import QuantVector
+from qvec.quant import QuantSpec, fake_quantize, find_targets, quantize_
+from qvec.quant.pack import pack_checkpoint
+from qvec.quant.ptq import quantize_checkpoint
+from qvec.vectors.vector import QuantVector
 
 from .cli_helpers import one_line_error, run
 from .tinytask import write_task
@@ -73,7 +73,7 @@ def test_quantize_pack_eval_refuse_nan(ckpts, tmp_path, capsys):
     model = build_model(ck.model_spec)
     model.load_state_dict(ck.state)
     with pytest.raises(QvecError, match="blocks.0.mlp.fc1.weight: weight contains NaN"):
-        quantize_(model, QuantSpec(bits=3), get_adapter(ck.model_spec).targets(model))
+        quantize_(model, QuantSpec(bits=3), find_targets(model, get_adapter(ck.model_spec).head_prefixes))
     out = tmp_path / "out.safetensors"
     one_line_error(capsys, "blocks.0.mlp.fc1.weight: weight contains NaN", "quantize", bad, "--bits", "3", "-o", out)
     one_line_error(capsys, "blocks.0.mlp.fc1.weight: weight contains NaN", "pack", bad, "--bits", "3", "-o", out)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qvec.checkpoint import Checkpoint
-from qvec.errors import QvecError
+from qvec.core.checkpoint import Checkpoint
+from qvec.core.errors import QvecError
 from qvec.models import ModelSpec, build_model, get_adapter, load_model, with_model
-from qvec.ptq import target_keys
+from qvec.quant.ptq import target_keys
 
 
 def test_spec_parse_and_json_roundtrip():
@@ -101,7 +101,7 @@ def test_load_model_strict_errors(nano_spec):
 def test_finetune_from_local_hub_weights_file(tmp_path):
     """Offline users pass the family's pretrained file with --weights; its backbone is what training starts from."""
     from qvec.cli import main
-    from qvec.evaluate import resolve_device
+    from qvec.train.evaluate import resolve_device
 
     from .conftest import shared_data_dir
 

@@ -8,12 +8,23 @@ import numpy as np
 import pytest
 import torch
 
-from qvec.checkpoint import read_safetensors
-from qvec.errors import QvecError
+from qvec.core.checkpoint import read_safetensors
+from qvec.core.errors import QvecError
 from qvec.models import ModelSpec, load_model
-from qvec.pack import CODES, SCALE, ZERO, load_packed, pack_bits, pack_checkpoint, pack_state, unpack_bits, unpack_state
-from qvec.ptq import quantize_checkpoint, target_keys
-from qvec.quant import QuantSpec, fake_quantize
+from qvec.quant import RTN, QuantSpec, fake_quantize
+from qvec.quant.pack import (
+    CODES,
+    SCALE,
+    ZERO,
+    load_packed,
+    pack_bits,
+    pack_checkpoint,
+    pack_state,
+    unpack_bits,
+    unpack_state,
+)
+from qvec.quant.ptq import quantize_checkpoint, target_keys
+from qvec.quant.rtn import quantize_state_dict_
 
 from .conftest import make_ckpt
 
@@ -76,11 +87,13 @@ def test_fp16_scales_fall_back_to_fp32_outside_fp16_range():
     quant = QuantSpec(3)
     for factor in (1e-5, 1e-9, 1e6):
         state = {"w": torch.randn(4, 64) * factor, "ok": torch.randn(4, 64)}
-        tensors, shapes = pack_state(state, ["w", "ok"], quant)
+        original = {k: v.clone() for k, v in state.items()}
+        qparams = quantize_state_dict_(state, ["w", "ok"], RTN(quant))
+        tensors, shapes = pack_state(state, qparams, quant)
         assert tensors["w" + SCALE].dtype == torch.float32 and tensors["ok" + SCALE].dtype == torch.float16
         meta = {"qvec.packed": json.dumps({"quant": quant.to_dict(), "shapes": shapes,
                                            "dtypes": {"w": "float32", "ok": "float32"}})}
-        assert torch.equal(unpack_state(tensors, meta)["w"], fake_quantize(state["w"], quant))
+        assert torch.equal(unpack_state(tensors, meta)["w"], fake_quantize(original["w"], quant))
 
 
 def test_3bit_size_ratio(tmp_path):

@@ -13,9 +13,9 @@ import torch
 from safetensors.torch import save_file
 from timm.layers import resample_abs_pos_embed
 
-from qvec.checkpoint import Checkpoint
 from qvec.cli import main
-from qvec.errors import QvecError
+from qvec.core.checkpoint import Checkpoint
+from qvec.core.errors import QvecError
 from qvec.grid.config import load_config
 from qvec.grid.plan import build_plan
 from qvec.models import ModelSpec, build_model, get_adapter
@@ -115,10 +115,10 @@ def test_cli_bad_weights_exit_2_without_output(tmp_path):
 def test_tiny_timm_vit_from_a_weights_file(tmp_path):
     """FT -> QAT -> extract -> patch -> quantize -> eval from a headerless timm file made at 42 px, used at 28 px:
     training through the library (the tiny architecture's options), the rest through the CLI."""
+    from qvec.data.tasks import get_task
     from qvec.quant import QuantSpec
-    from qvec.recipe import Recipe
-    from qvec.tasks import get_task
-    from qvec.train import finetune
+    from qvec.train.recipe import Recipe
+    from qvec.train.trainer import finetune
 
     data = tmp_path / "data"
     write_task(data, "stripes", n_train=64, n_test=24)

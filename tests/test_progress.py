@@ -8,13 +8,13 @@ import json
 import pytest
 
 from qvec.cli import main
-from qvec.errors import QvecError
+from qvec.core.errors import QvecError
+from qvec.data.tasks import get_task
 from qvec.grid.executors import PoolExecutor, make_executor
 from qvec.grid.monitor import JobMonitor
 from qvec.grid.plan import Job
-from qvec.recipe import Recipe
-from qvec.tasks import get_task
-from qvec.train import _ProgressFile, finetune, progress_path
+from qvec.train.recipe import Recipe
+from qvec.train.trainer import _ProgressFile, finetune, progress_path
 
 from .tinytask import write_task
 

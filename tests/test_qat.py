@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from qvec.models import ModelSpec, build_model, get_adapter
-from qvec.qat import convert_qat, is_qat, prepare_qat
 from qvec.quant import QuantSpec, find_targets, quantize_
+from qvec.quant.qat import convert_qat, is_qat, prepare_qat
 
 from .test_quant import Toy
 
@@ -20,8 +20,8 @@ def test_forward_sees_quantized_weights():
     model = build_model(spec).eval()
     adapter = get_adapter(spec)
     ptq = copy.deepcopy(model)
-    quantize_(ptq, QuantSpec(3), adapter.targets(ptq))
-    prepare_qat(model, QuantSpec(3), adapter.targets(model))
+    quantize_(ptq, QuantSpec(3), find_targets(ptq, adapter.head_prefixes))
+    prepare_qat(model, QuantSpec(3), find_targets(model, adapter.head_prefixes))
     assert is_qat(model)
     x = torch.randn(4, 3, 32, 32)
     torch.testing.assert_close(model(x), ptq(x))
@@ -66,6 +66,6 @@ def test_convert_restores_ft_keys_and_latent_weights():
 def test_head_is_not_fake_quantized():
     spec = ModelSpec("qvec", "vit-nano", 10)
     model = build_model(spec)
-    prepare_qat(model, QuantSpec(3), get_adapter(spec).targets(model))
+    prepare_qat(model, QuantSpec(3), find_targets(model, get_adapter(spec).head_prefixes))
     assert not hasattr(model.head, "parametrizations")
     assert hasattr(model.blocks[0].mlp.fc1, "parametrizations")

@@ -6,9 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from qvec.errors import QvecError
+from qvec.core.errors import QvecError
 from qvec.quant import (
     QuantSpec,
+    TargetFilter,
     dequantize_codes,
     fake_quantize,
     fake_quantize_,
@@ -146,7 +147,7 @@ class Toy(nn.Module):
 def test_targets_default_filter():
     keys = [t.key for t in find_targets(Toy())]
     assert keys == ["fc.weight", "attn.in_proj_weight", "attn.out_proj.weight"]
-    no_in = [t.key for t in find_targets(Toy(), include_in_proj=False)]
+    no_in = [t.key for t in find_targets(Toy(), targets=TargetFilter(in_proj=False))]
     assert no_in == ["fc.weight", "attn.out_proj.weight"]
 
 

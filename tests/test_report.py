@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from qvec.cli import main
-from qvec.errors import QvecError
+from qvec.core.errors import QvecError
 from qvec.grid.report import load_study, ptq_verdict, summary_table, wise_table, write_report
 from qvec.grid.store import Result, ResultStore, Training
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from qvec.errors import QvecError
+from qvec.core.errors import QvecError
 from qvec.grid.render import Table, _plt, _save, register_table, report_parts, unregister_table
 from qvec.grid.report import write_report
 from qvec.grid.report_figures import register_figure, unregister_figure

@@ -10,18 +10,18 @@ import numpy as np
 import pytest
 import torch
 
-from qvec.checkpoint import Checkpoint
-from qvec.errors import QvecError
+from qvec.core.checkpoint import Checkpoint
+from qvec.core.errors import QvecError
+from qvec.data.probe import load_probe
 from qvec.grid import load_config, run_grid
 from qvec.grid.executors import make_executor
 from qvec.grid.plan import build_plan, pair_choices, pair_rules
 from qvec.grid.report import load_study, write_report
 from qvec.grid.store import ResultStore
-from qvec.probe import load_probe
 from qvec.quant import QuantSpec
-from qvec.rules import LambdaRule, get_rule, register_rule, rule_names, select_lambda
-from qvec.selection import choose_donor, choose_lambda
-from qvec.vector import QuantVector
+from qvec.vectors.rules import LambdaRule, get_rule, register_rule, rule_names, select_lambda
+from qvec.vectors.selection import choose_donor, choose_lambda
+from qvec.vectors.vector import QuantVector
 
 from . import toy_quantizer
 from .cli_helpers import one_line_error, run
@@ -184,18 +184,18 @@ def _rules_study(tmp_path_factory):
     root = tmp_path_factory.mktemp("rules")
     data = tiny_suite(root)
     for t in THREE[2:]:  # a third task, so the mean of the other donors has two parts
-        from qvec.synthetic import write_suite
+        from qvec.data.synthetic import write_suite
 
         write_suite(root / "data", tasks=[t], n_train=300, n_test=80, n_pretrain=300)
     text = tiny_config_text(data, name="rules", extra="""
 self_pairs = false
-quantizers = ["rtn", "gptq", "clip"]
+quantizers = ["rtn", "gptq", "toyclip"]
 
 [gptq]
 calibration = "receiver"
 images = 16
 
-[clip]
+[toyclip]
 clip = 0.8
 
 [rules]
@@ -266,25 +266,25 @@ def test_a_toy_quantizer_plugs_in_everywhere(rules_study, tmp_path, capsys):
     its own report columns, and works with quantize_, `qvec quantize` and `qvec pack`."""
     root, cfg, _ = rules_study
     plan = build_plan(cfg, root / "artifacts")
-    assert [j.id for j in plan.jobs if j.kind == "clip"] == [f"clip/w3/{t}" for t in THREE]
+    assert [j.id for j in plan.jobs if j.kind == "toyclip"] == [f"toyclip/w3/{t}" for t in THREE]
     with ResultStore(root / "rules.db") as store:
-        rows = [r for r in store.results("rules") if r.kind.startswith("clip:")]
-    assert {r.kind for r in rows} == {"clip:ft_ptq", "clip:qat_ptq", "clip:patched"}
-    assert all(r.quant == "clip0.8-w3-sym-channel" for r in rows)  # no calibration set: it needs no data
+        rows = [r for r in store.results("rules") if r.kind.startswith("toyclip:")]
+    assert {r.kind for r in rows} == {"toyclip:ft_ptq", "toyclip:qat_ptq", "toyclip:patched"}
+    assert all(r.quant == "toyclip0.8-w3-sym-channel" for r in rows)  # no calibration set: it needs no data
     write_report(root / "rules.db", tmp_path)
     md = (tmp_path / "report.md").read_text()
-    assert "Clip(FT)" in md and "Clip λ=1" in md and "Clip agree" in md and "Clip(QAT)" in md
-    assert "Clip needs no data" in md
+    assert "ToyClip(FT)" in md and "ToyClip λ=1" in md and "ToyClip agree" in md and "ToyClip(QAT)" in md
+    assert "ToyClip needs no data" in md
     ckpt = next(j.params["out"] for j in plan.jobs if j.kind == "finetune" and not j.params["qat"])
     out, packed = tmp_path / "c.safetensors", tmp_path / "c.qvec.safetensors"
-    assert run(capsys, "quantize", ckpt, "--method", "clip", "-o", out)[0] == 0
-    assert run(capsys, "pack", ckpt, "--method", "clip", "--scale-dtype", "float32", "-o", packed)[0] == 0
-    from qvec.pack import load_packed
+    assert run(capsys, "quantize", ckpt, "--method", "toyclip", "-o", out)[0] == 0
+    assert run(capsys, "pack", ckpt, "--method", "toyclip", "--scale-dtype", "float32", "-o", packed)[0] == 0
+    from qvec.quant.pack import load_packed
 
     q, p = Checkpoint.load(out), load_packed(packed)
-    assert json.loads(q.meta["qvec.quant"])["method"] == "clip"
+    assert json.loads(q.meta["qvec.quant"])["method"] == "toyclip"
     assert all(torch.equal(q.state[k], p.state[k]) for k in q.state)  # the codes are the toy's, stored exactly
-    one_line_error(capsys, "--calib is for --method gptq", "quantize", ckpt, "--method", "clip", "--calib", "noise",
+    one_line_error(capsys, "--calib is for --method gptq", "quantize", ckpt, "--method", "toyclip", "--calib", "noise",
                    "-o", out)
 
 
@@ -323,7 +323,7 @@ def test_rules_config_errors(tmp_path):
 
 # ------------------------------------------------------------------------------ Proposition 1, Fisher metric
 def test_proposition_1_predictions_and_spearman():
-    from qvec.fisher import predict, spearman
+    from qvec.vectors.fisher import predict, spearman
 
     g = torch.Generator().manual_seed(0)
     rho_d = {"a": torch.randn(4, 5, generator=g), "b": torch.randn(7, generator=g)}
@@ -343,7 +343,7 @@ def test_proposition_1_predictions_and_spearman():
 
 
 def test_diagonal_fisher_matches_per_example_gradients():
-    from qvec.fisher import diagonal_fisher
+    from qvec.vectors.fisher import diagonal_fisher
 
     torch.manual_seed(0)
     model = torch.nn.Linear(6, 3)
@@ -371,18 +371,18 @@ def test_theory_command_on_the_tiny_study(rules_study, tmp_path, capsys):
 
 
 def test_rules_from_plugin_modules(tmp_path, monkeypatch):
-    import qvec.plugins
+    import qvec.core.plugins
 
     (tmp_path / "my_rules.py").write_text(
-        "from qvec.rules import LambdaRule, register_rule\n"
+        "from qvec import LambdaRule, register_rule\n"
         "@register_rule('plugin-quarter')\n"
         "def _q(arg):\n"
         "    return LambdaRule('plugin-quarter', value=0.25)\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setenv("QVEC_PLUGINS", "my_rules")
-    monkeypatch.setattr(qvec.plugins, "_LOADED", False)
+    monkeypatch.setattr(qvec.core.plugins, "_LOADED", set())
     assert get_rule("plugin-quarter").choose() == 0.25
     monkeypatch.setenv("QVEC_PLUGINS", "no_such_module_here")
-    monkeypatch.setattr(qvec.plugins, "_LOADED", False)
-    with pytest.raises(QvecError, match="QVEC_PLUGINS: cannot import 'no_such_module_here'"):
+    monkeypatch.setattr(qvec.core.plugins, "_LOADED", set())
+    with pytest.raises(QvecError, match="QVEC_PLUGINS: cannot import plugin module 'no_such_module_here'"):
         get_rule("still-unknown")

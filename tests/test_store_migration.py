@@ -8,7 +8,7 @@ from dataclasses import fields
 
 import pytest
 
-from qvec.errors import QvecError
+from qvec.core.errors import QvecError
 from qvec.grid import store as store_mod
 from qvec.grid.store import COMPAT_VERSION, MIGRATIONS, SCHEMA_VERSION, JobRecord, Result, ResultStore, valid_kind
 

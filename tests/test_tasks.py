@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from qvec.errors import QvecError
-from qvec.models import DataConfig
-from qvec.tasks import (
+from qvec.core.errors import QvecError
+from qvec.data.tasks import (
     PAPER_TASKS,
     get_task,
     list_tasks,
@@ -22,6 +21,7 @@ from qvec.tasks import (
     task_summaries,
     validation_indices,
 )
+from qvec.models import DataConfig
 
 from .tinytask import CLASSES, write_jpeg_corpus, write_task
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qvec.tasks import normalize, resize_batch
+from qvec.data.tasks import normalize, resize_batch
 
 MEAN_STD = [
     ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # ImageNet (timm ViTs)

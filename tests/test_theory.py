@@ -7,11 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qvec.checkpoint import Checkpoint
+from qvec.core.checkpoint import Checkpoint
 from qvec.models import ModelSpec, build_model, checkpoint_from_model, load_model
-from qvec.ptq import quantize_checkpoint
 from qvec.quant import QuantSpec, fake_quantize
-from qvec.vector import QuantVector
+from qvec.quant.ptq import quantize_checkpoint
+from qvec.vectors.vector import QuantVector
 
 
 @pytest.mark.parametrize(

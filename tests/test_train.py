@@ -8,14 +8,14 @@ from dataclasses import replace
 import pytest
 import torch
 
-from qvec.checkpoint import META_CLASSES, META_FINGERPRINT, META_KIND, META_QUANT, Checkpoint, fingerprint_tensors
 from qvec.cli import main
-from qvec.errors import QvecError
+from qvec.core.checkpoint import META_CLASSES, META_FINGERPRINT, META_KIND, META_QUANT, Checkpoint, fingerprint_tensors
+from qvec.core.errors import QvecError
+from qvec.data.tasks import load_npz_task
 from qvec.models import ModelSpec, get_adapter
 from qvec.quant import QuantSpec
-from qvec.recipe import QUALITY_FINETUNE, QUALITY_PRETRAIN, SMALL_FINETUNE, SMALL_PRETRAIN, Recipe
-from qvec.tasks import load_npz_task
-from qvec.train import finetune, log_path_for, lr_at, pretrain, state_path
+from qvec.train.recipe import QUALITY_FINETUNE, QUALITY_PRETRAIN, SMALL_FINETUNE, SMALL_PRETRAIN, Recipe
+from qvec.train.trainer import finetune, log_path_for, lr_at, pretrain, state_path
 
 from .tinytask import write_jpeg_corpus, write_task
 
@@ -116,10 +116,10 @@ def test_resume_refuses_other_config(task, theta0, tmp_path):
 
 def test_qat_differs_from_ft_only_by_fake_quantization(ft_run, task, theta0, tmp_path, monkeypatch):
     """With the quantizer replaced by the identity, QAT must reproduce FT bit for bit."""
-    import qvec.qat
+    import qvec.quant.qat
 
     real = finetune(NANO, task, TINY, tmp_path / "qat.safetensors", init=theta0, qat=Q3, progress=False)
-    monkeypatch.setattr(qvec.qat, "fake_quantize_", lambda w, spec: w)
+    monkeypatch.setattr(qvec.quant.qat, "fake_quantize_", lambda w, spec: w)
     ident = finetune(NANO, task, TINY, tmp_path / "ident.safetensors", init=theta0, qat=Q3, progress=False)
     assert _same(ft_run[0], ident)
     assert not _same(ft_run[0], real)

@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 
-from qvec.checkpoint import Checkpoint
-from qvec.errors import QvecError
+from qvec.core.checkpoint import Checkpoint
+from qvec.core.errors import QvecError
 from qvec.models import ModelSpec
-from qvec.vector import QuantVector
+from qvec.vectors.vector import QuantVector
 
 from .conftest import make_ckpt
 
@@ -183,7 +183,7 @@ def test_integer_buffers_are_skipped(nano_spec):
 
 
 def test_fingerprint_is_stable_and_content_sensitive():
-    from qvec.checkpoint import fingerprint_tensors
+    from qvec.core.checkpoint import fingerprint_tensors
 
     state = {"a": torch.tensor(3.0), "b": torch.randn(3, 4).bfloat16(), "c": torch.randn(2, 3)[:, :2]}
     fp = fingerprint_tensors(state, ["c", "a", "b"])

@@ -1,7 +1,7 @@
-"""A toy quantizer for the seam tests: RTN with its scales shrunk by ``clip`` (a clipped grid), symmetric only.
+"""A toy quantizer for the seam tests: RTN with its range shrunk by ``clip`` (a clipped grid).
 
-It is what a contributor would write: one config class and one registered handler (see docs/extending.md). Its
-codes are on its own grid (the shrunk scales), so the handler returns them and ``pack`` stores them exactly.
+It is what a contributor would write (docs/extending.md): one config class, registered, using only qvec's public
+helpers. Its codes are on the grid under its own (shrunk) scales, which it returns, so ``pack`` stores them exactly.
 """
 
 from __future__ import annotations
@@ -11,58 +11,43 @@ from typing import ClassVar
 
 import torch
 
-from qvec.errors import QvecError
+from qvec.core.errors import QvecError
 from qvec.quant import (
     QuantizerConfig,
-    QuantSpec,
-    _grouped_view,
-    _raw_param,
-    compute_qparams,
-    register_quantize_handler,
+    dequantize_rows,
+    grouped_view,
+    register_quantizer,
+    round_rows,
+    row_qparams,
     unregister_quantizer,
 )
 
 
 @dataclass(frozen=True)
 class ClipConfig(QuantizerConfig):
-    method: ClassVar[str] = "clip"
-    label: ClassVar[str] = "Clip"
+    method: ClassVar[str] = "toyclip"
+    label: ClassVar[str] = "ToyClip"
 
-    bits: int = 3
-    symmetric: bool = True
-    granularity: str = "channel"
-    group_size: int = 128
     clip: float = 0.9
 
     def __post_init__(self) -> None:
-        self.grid  # noqa: B018  (validates the grid)
-        if not self.symmetric or not 0 < self.clip <= 1:
-            raise QvecError(f"clip needs a symmetric grid and 0 < clip <= 1, got {self.symmetric}, {self.clip!r}")
+        super().__post_init__()
+        if not 0 < self.clip <= 1:
+            raise QvecError(f"toyclip needs 0 < clip <= 1, got {self.clip!r}")
 
-    @property
-    def grid(self) -> QuantSpec:
-        return QuantSpec(self.bits, self.symmetric, self.granularity, self.group_size)  # type: ignore[arg-type]
+    def quantize_weight(self, w: torch.Tensor):
+        g = grouped_view(w.detach().float().contiguous(), self.grid)
+        scale, zero = row_qparams(g, self.grid, self.clip)
+        w_hat = dequantize_rows(round_rows(g, scale, zero, self.grid), scale, zero)
+        return w_hat.reshape(w.shape).to(w.dtype), scale, zero
 
     def __str__(self) -> str:
-        return f"clip{self.clip:g}-{self.grid}"
-
-
-@torch.no_grad()
-def clip_quantize_(model, config: ClipConfig, targets, calibration) -> dict[str, tuple]:
-    spec, out = config.grid, {}
-    for t in targets:
-        w = _raw_param(t.module, t.attr)
-        scale, _ = compute_qparams(w, spec)
-        scale = scale * config.clip
-        g = _grouped_view(w, spec)
-        g.copy_(torch.round(g.float() / scale).clamp_(spec.qmin, spec.qmax).mul_(scale).to(w.dtype))
-        out[t.key] = (scale, None)
-    return out
+        return f"toyclip{self.clip:g}-{self.grid}"
 
 
 def register() -> None:
-    register_quantize_handler(ClipConfig)(clip_quantize_)
+    register_quantizer(ClipConfig)
 
 
 def unregister() -> None:
-    unregister_quantizer("clip")
+    unregister_quantizer("toyclip")

@@ -4,44 +4,53 @@
     patched = tau.apply(receiver_ft, lam=1.0)                    # zero-shot: no receiver data, no training
     quantized = quantize_checkpoint(patched, QuantSpec(bits=3))  # RTN PTQ, per-channel
     choice = choose_lambda(receiver_path, tau, QuantSpec(bits=3), rule="agree", probe="imgs/")  # no labels
+
+The layers, each a subpackage that imports only those below it: :mod:`qvec.core` (errors, registry, files),
+:mod:`qvec.data`, :mod:`qvec.models`, :mod:`qvec.quant`, :mod:`qvec.train`, :mod:`qvec.vectors`, :mod:`qvec.grid`
+(studies) and :mod:`qvec.cli`. Names are imported on first use, so ``import qvec`` (and ``qvec --help``) does not
+load torch.
 """
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-from .checkpoint import Checkpoint  # noqa: E402
-from .errors import QvecError  # noqa: E402
-from .gptq import GPTQConfig  # noqa: E402  (registers the GPTQ quantize_ handler)
-from .models import ModelSpec, build_model, get_adapter, load_model  # noqa: E402
-from .pack import load_packed, pack_checkpoint  # noqa: E402
-from .ptq import quantize_checkpoint  # noqa: E402
-from .qat import convert_qat, prepare_qat  # noqa: E402
-from .quant import QuantSpec, fake_quantize, find_targets, quantize_  # noqa: E402
-from .rules import LambdaRule, get_rule, register_rule  # noqa: E402
-from .selection import LambdaChoice, choose_donor, choose_lambda  # noqa: E402
-from .vector import QuantVector  # noqa: E402
+_EXPORTS = {
+    "Checkpoint": ".core.checkpoint",
+    "QvecError": ".core.errors",
+    "ModelSpec": ".models",
+    "build_model": ".models",
+    "get_adapter": ".models",
+    "load_model": ".models",
+    "GPTQConfig": ".quant",
+    "QuantSpec": ".quant",
+    "fake_quantize": ".quant",
+    "find_targets": ".quant",
+    "quantize_": ".quant",
+    "quantize_checkpoint": ".quant",
+    "pack_checkpoint": ".quant",
+    "load_packed": ".quant",
+    "prepare_qat": ".quant",
+    "convert_qat": ".quant",
+    "QuantVector": ".vectors",
+    "LambdaChoice": ".vectors",
+    "LambdaRule": ".vectors",
+    "choose_donor": ".vectors",
+    "choose_lambda": ".vectors",
+    "get_rule": ".vectors",
+    "register_rule": ".vectors",
+}
 
-__all__ = [
-    "Checkpoint",
-    "GPTQConfig",
-    "LambdaChoice",
-    "LambdaRule",
-    "ModelSpec",
-    "QuantSpec",
-    "QuantVector",
-    "QvecError",
-    "build_model",
-    "choose_donor",
-    "choose_lambda",
-    "convert_qat",
-    "fake_quantize",
-    "find_targets",
-    "get_adapter",
-    "get_rule",
-    "load_model",
-    "load_packed",
-    "pack_checkpoint",
-    "prepare_qat",
-    "quantize_",
-    "quantize_checkpoint",
-    "register_rule",
-]
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from ..errors import QvecError, describe_os_error
+from qvec.core.errors import QvecError, describe_os_error
 
 app = typer.Typer(
     name="qvec",
@@ -25,7 +25,7 @@ console = Console(stderr=True)
 
 
 def _register() -> None:
-    from . import core  # noqa: F401
+    from qvec.cli import core  # noqa: F401
 
     for optional in ("train", "grid"):
         try:

@@ -10,18 +10,18 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ..checkpoint import Checkpoint
-from ..errors import QvecError
-from ..inspect_file import describe
-from ..models import families, get_adapter, with_model
-from ..pack import load_packed, pack_checkpoint
-from ..ptq import quantize_checkpoint
-from ..quant import QuantizerConfig, QuantSpec, get_quantizer, quantizer_names
-from ..schema import META_DONOR
-from ..selection import choose_donor
-from ..vector import QuantVector
-from . import app
-from .options import takes
+from qvec.cli import app
+from qvec.cli.options import takes
+from qvec.core.checkpoint import Checkpoint
+from qvec.core.errors import QvecError
+from qvec.core.inspect import describe
+from qvec.core.schema import META_DONOR
+from qvec.models import families, get_adapter, with_model
+from qvec.quant import QuantizerConfig, QuantSpec, get_quantizer, quantizer_names
+from qvec.quant.pack import load_packed, pack_checkpoint
+from qvec.quant.ptq import quantize_checkpoint
+from qvec.vectors.selection import choose_donor
+from qvec.vectors.vector import QuantVector
 
 out = Console()
 
@@ -225,7 +225,7 @@ def quantize(
 ) -> None:
     """Post-training quantization (weight-only RTN, or GPTQ with --calib): write a fake-quantized float checkpoint."""
     spec = q.config(grid)
-    quantized = quantize_checkpoint(load_checkpoint(input, model), spec, include_in_proj=in_proj,
+    quantized = quantize_checkpoint(load_checkpoint(input, model), spec, targets=in_proj,
                                     calibration=q.calib, calibration_size=q.calib_size)
     quantized.save(output)
     out.print(f"wrote {output}: {q.describe(spec)}")
@@ -243,7 +243,7 @@ def pack(
     q: QuantizerFlags = QuantizerFlags(),
 ) -> None:
     """Write a real low-bit checkpoint: bit-packed integer codes, fp16 scales, other tensors as is."""
-    r = pack_checkpoint(load_checkpoint(input, model), q.config(grid), output, include_in_proj=in_proj,
+    r = pack_checkpoint(load_checkpoint(input, model), q.config(grid), output, targets=in_proj,
                         scale_dtype=scale_dtype, calibration=q.calib, calibration_size=q.calib_size)
     out.print(
         f"wrote {output}: {_mb(r.packed_bytes)} (fp32 {_mb(r.fp32_bytes)}, fp16 {_mb(r.fp16_bytes)}); "

@@ -12,9 +12,9 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from ..errors import QvecError
-from . import app
-from .options import takes
+from qvec.cli import app
+from qvec.cli.options import takes
+from qvec.core.errors import QvecError
 
 out = Console()
 err = Console(stderr=True)
@@ -51,7 +51,7 @@ def _csv(text: str | None, cast=str) -> list | None:
 
 def _load(config: Path | None, data: Path | None, name: str | None, model: str | None, tasks: str | None,
           bits: str | None, lambdas: str | None, backbone: str | None, check_tasks: bool = True):
-    from ..grid.config import load_config
+    from qvec.grid.config import load_config
 
     overrides = {"data_dir": str(data.resolve()) if data else None, "name": name, "model": model,
                  "tasks": _csv(tasks), "bits": _csv(bits, int), "lambdas": _csv(lambdas, float), "backbone": backbone}
@@ -60,7 +60,7 @@ def _load(config: Path | None, data: Path | None, name: str | None, model: str |
 
 def _executor(name: str, address: str | None, workers: int | None, progress: bool, gpus_per_job: float = 0,
               threads: int | None = None):
-    from ..grid.executors import make_executor
+    from qvec.grid.executors import make_executor
 
     return make_executor(name, address=address, workers=workers, progress=progress, gpus_per_job=gpus_per_job,
                          threads=threads)
@@ -101,7 +101,7 @@ class StudyFlags:
 
     def paths(self, cfg) -> tuple[Path, Path]:
         """The results database and artifact folder: the flags', else the defaults under --workdir."""
-        from ..grid import default_paths
+        from qvec.grid import default_paths
 
         d_db, d_art = default_paths(cfg, self.workdir)
         return self.db or d_db, self.artifacts or d_art
@@ -138,7 +138,7 @@ def grid_run(
     quiet: Quiet = False,
 ) -> None:
     """Run (or resume) a donor x receiver grid; finished jobs are never repeated."""
-    from ..grid import run_grid
+    from qvec.grid import run_grid
 
     ex = _executor(executor, address, workers, not quiet, gpus_per_job, threads)  # bad flags fail first
     cfg = study.load(config)
@@ -156,9 +156,9 @@ def grid_plan(
     as_json: Annotated[bool, typer.Option("--json", help="Print the graph as JSON.")] = False,
 ) -> None:
     """Print the job graph of a grid (and, with an existing database, which jobs are done)."""
-    from ..grid import build_plan, describe_plan, job_status
-    from ..grid.plan import plan_json
-    from ..grid.store import ResultStore
+    from qvec.grid import build_plan, describe_plan, job_status
+    from qvec.grid.plan import plan_json
+    from qvec.grid.store import ResultStore
 
     cfg = study.load(config)
     db_path, artifacts = study.paths(cfg)
@@ -186,7 +186,7 @@ def grid_theory(
 ) -> None:
     """Check Proposition 1 on a study: predicted lambda* and recovery with H = I and H = the receiver's diagonal
     Fisher, against the measured ones (Spearman). Uses the receiver's own QAT and data: not a zero-shot rule."""
-    from ..grid.theory import fisher_check
+    from qvec.grid.theory import fisher_check
 
     if examples < 1:
         raise QvecError(f"--examples must be at least 1, got {examples}")
@@ -211,7 +211,7 @@ def grid_adopt(
 ) -> None:
     """Reuse checkpoints trained outside the grid: each is checked against a training job's inputs (model, task,
     kind, quantizer, recipe, theta_0) and copied where the grid expects it."""
-    from ..grid.run import adopt_checkpoints
+    from qvec.grid.run import adopt_checkpoints
 
     study = StudyFlags(artifacts=artifacts, data=data, workdir=workdir)
     cfg = study.load(config)
@@ -227,7 +227,7 @@ def grid_export(
     study: Annotated[str | None, typer.Option("--study", help="Only this study's rows (default: all).")] = None,
 ) -> None:
     """Export results to CSV and/or Parquet."""
-    from ..grid.store import ResultStore
+    from qvec.grid.store import ResultStore
 
     if csv is None and parquet is None:
         raise QvecError("give --csv PATH and/or --parquet PATH")
@@ -250,7 +250,7 @@ def report_cmd(
     study: Annotated[str | None, typer.Option("--study", help="Study to report (default: the latest).")] = None,
 ) -> None:
     """Write the study's tables (Markdown, CSV), figures (PNG, SVG) and report.md."""
-    from ..grid.report import write_report
+    from qvec.grid.report import write_report
 
     if not db.is_file():
         raise QvecError(f"{db}: no such results database")
@@ -259,7 +259,7 @@ def report_cmd(
 
 
 def _print_study(run) -> None:
-    from ..grid.report import print_summary
+    from qvec.grid.report import print_summary
 
     print_summary(run.db, run.config.name, echo=print)
     out.print(f"\n{run.summary.executed} jobs run, {run.summary.skipped} reused, {run.seconds / 60:.1f} min; "
@@ -275,7 +275,7 @@ def demo_cmd(
     runner: RunnerFlags = RunnerFlags(),
 ) -> None:
     """A small end-to-end study (about 9 minutes on 2 idle CPU cores), no network or data folder needed."""
-    from ..grid.studies import run_demo
+    from qvec.grid.studies import run_demo
 
     run = run_demo(workdir, data, runner.make_executor(), log=runner.log)
     _print_study(run)
@@ -293,7 +293,7 @@ def reproduce_mini_cmd(
     runner: RunnerFlags = RunnerFlags(),
 ) -> None:
     """The CPU-scale replication on the 7 local tasks at 3, 2 and 4 bits (about 70 minutes on 2 cores)."""
-    from ..grid.studies import reproduce_mini
+    from qvec.grid.studies import reproduce_mini
 
     run = reproduce_mini(data, workdir, output, config, runner.make_executor(), log=runner.log)
     _print_study(run)
@@ -314,7 +314,7 @@ def reproduce_dinov2_cmd(
     runner: RunnerFlags = RunnerFlags(),
 ) -> None:
     """The paper's study on the real DINOv2 ViT-S/14 backbone, sized for 2 CPU cores (resumable)."""
-    from ..grid.studies import reproduce_study
+    from qvec.grid.studies import reproduce_study
 
     run = reproduce_study("dinov2-s", data, workdir, output, config, runner.make_executor(), log=runner.log,
                           backbone=weights)

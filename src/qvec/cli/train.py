@@ -11,17 +11,17 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ..checkpoint import Checkpoint
-from ..errors import QvecError
-from ..evaluate import evaluate_checkpoint
-from ..models import ModelSpec, parse_model_name, with_model
-from ..quant import QuantSpec
-from ..recipe import DEFAULT_PROFILE, PRETRAINED_PROFILES, SMALL_PROFILES, Recipe
-from ..tasks import get_task, resolve_data_dir, task_summaries
-from ..train import finetune as _finetune
-from ..train import pretrain as _pretrain
-from . import app
-from .options import takes
+from qvec.cli import app
+from qvec.cli.options import takes
+from qvec.core.checkpoint import Checkpoint
+from qvec.core.errors import QvecError
+from qvec.data.tasks import get_task, resolve_data_dir, task_summaries
+from qvec.models import ModelSpec, parse_model_name, with_model
+from qvec.quant import QuantSpec
+from qvec.train.evaluate import evaluate_checkpoint
+from qvec.train.recipe import DEFAULT_PROFILE, PRETRAINED_PROFILES, SMALL_PROFILES, Recipe
+from qvec.train.trainer import finetune as _finetune
+from qvec.train.trainer import pretrain as _pretrain
 
 out = Console()
 
@@ -168,7 +168,7 @@ def finetune(
     r = flags.recipe_for(Recipe.for_task(t.name, spec, profile), profile)
     if flags.epochs is not None:  # an explicit --epochs is exact
         r = replace(r, min_examples=None)
-    ck = _finetune(spec, t, r, output, init=init, qat=q if qat else None, include_in_proj=in_proj,
+    ck = _finetune(spec, t, r, output, init=init, qat=q if qat else None, targets=in_proj,
                    eval_quant=q if (qat or ptq_log) else None, progress=not flags.quiet, device=device,
                    weights=weights)
     _report_training(ck, output)

@@ -17,9 +17,9 @@ import json
 import os
 from pathlib import Path
 
-from .. import __version__
-from ..checkpoint import atomic_path
-from ..errors import QvecError
+from qvec import __version__
+from qvec.core.checkpoint import atomic_path
+from qvec.core.errors import QvecError
 
 #: Bumped when the meaning of a grid job changes without a library version change (keeps keys honest).
 GRID_FORMAT = 1

@@ -35,12 +35,12 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from ..errors import QvecError
-from ..models import ModelSpec, get_adapter
-from ..quant import QuantSpec, get_quantizer, quantizer_names
-from ..recipe import Recipe
-from ..rules import DEFAULT_LAMBDAS, get_rule
-from ..tasks import PAPER_TASKS, local_task_files, locate_task, resolve_data_dir
+from qvec.core.errors import QvecError
+from qvec.data.tasks import PAPER_TASKS, local_task_files, locate_task, resolve_data_dir
+from qvec.models import ModelSpec, get_adapter
+from qvec.quant import QuantSpec, get_quantizer, quantizer_names
+from qvec.train.recipe import Recipe
+from qvec.vectors.rules import DEFAULT_LAMBDAS, get_rule
 
 TEST_LAMBDAS = ("selected", "all")
 BACKBONE_CHOICES = ("pretrain", "hub")

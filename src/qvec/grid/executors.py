@@ -23,11 +23,11 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from ..errors import QvecError
-from .jobs import JobOutput, execute_job
-from .monitor import JobMonitor
-from .plan import Job
-from .workerinit import die_with_parent
+from qvec.core.errors import QvecError
+from qvec.grid.jobs import JobOutput, execute_job
+from qvec.grid.monitor import JobMonitor
+from qvec.grid.plan import Job
+from qvec.grid.workerinit import die_with_parent
 
 Dispatch = Callable[[Job], Job]
 OnDone = Callable[[Job, JobOutput], None]

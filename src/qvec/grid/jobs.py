@@ -23,21 +23,12 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import Checkpoint
-from ..errors import QvecError
-from ..evaluate import evaluate
-from ..models import ModelSpec, build_model, get_adapter
-from ..models.loading import load_state_strict
-from ..probe import NOISE, ProbeSet, load_probe, noise_probe, receiver_probe
-from ..quant import apply_quantizer_, get_quantizer, quantize_
-from ..recipe import Recipe
-from ..rules import IMAGE_SIGNALS, SIGNALS, lam_key
-from ..selection import agreement, ptq_errors, reference, weight_errors, weight_score
-from ..tasks import get_task
-from ..train import finetune, pretrain
-from ..vector import QuantVector
-from .params import BaselineParams, CellsParams, PipelineParams, ReceiverParams
-from .plan import (
+from qvec.core.checkpoint import Checkpoint
+from qvec.core.errors import QvecError
+from qvec.data.probe import NOISE, ProbeSet, load_probe, noise_probe, receiver_probe
+from qvec.data.tasks import get_task
+from qvec.grid.params import BaselineParams, CellsParams, PipelineParams, ReceiverParams
+from qvec.grid.plan import (
     Job,
     baseline_items,
     cell_key,
@@ -51,7 +42,17 @@ from .plan import (
     score_keys,
     score_lambdas,
 )
-from .store import Result
+from qvec.grid.store import Result
+from qvec.models import ModelSpec, build_model, get_adapter
+from qvec.models.loading import load_state_strict
+from qvec.quant import get_quantizer, quantize_
+from qvec.quant.targets import TargetFilter
+from qvec.train.evaluate import evaluate
+from qvec.train.recipe import Recipe
+from qvec.train.trainer import finetune, pretrain
+from qvec.vectors.rules import IMAGE_SIGNALS, SIGNALS, lam_key
+from qvec.vectors.selection import agreement, ptq_errors, reference, weight_errors, weight_score
+from qvec.vectors.vector import QuantVector
 
 
 @dataclass
@@ -145,7 +146,7 @@ class EvalBench:
                 p.requires_grad_(False)
             live = model.state_dict(keep_vars=True)
             keys = adapter.backbone_keys({k: v.detach() for k, v in live.items()})
-            targets = adapter.targets(model, include_in_proj)
+            targets = TargetFilter.of(include_in_proj).find(model, adapter.head_prefixes)
             outside = [t.key for t in targets if t.key not in keys]
             if outside:
                 raise QvecError(f"quantization target {outside[0]!r} is not a backbone tensor of {spec}")
@@ -376,7 +377,7 @@ def run_pipeline(p: PipelineParams) -> list[Result]:
         t0 = time.perf_counter()
         b.set_backbone(s, state, vec, lam or 0.0)
         t1 = time.perf_counter()
-        apply_quantizer_(s.model, cfg, s.targets, x)
+        quantize_(s.model, cfg, s.targets, x)
         t2 = time.perf_counter()
         r = evaluate(s.model, task, "test", batch_size=p["batch_size"], limit=p["test_limit"], config=s.config)
         row = _row(p, key, f"{name}:{kind}", "test", r, t1 - t0, t2 - t1, donor=pair["donor"] if pair else "",
@@ -417,7 +418,7 @@ def run_training(job: Job, progress: bool) -> bool:
     else:
         task = get_task(p["task"], p["data_dir"])
         finetune(spec, task, recipe, out, init=p["init"], qat=quant_of({"quant": p["qat"]}),
-                 include_in_proj=p["include_in_proj"], progress=progress)
+                 targets=p["include_in_proj"], progress=progress)
     return True
 
 

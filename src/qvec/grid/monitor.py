@@ -13,8 +13,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..train import progress_path
-from .plan import Job
+from qvec.grid.plan import Job
+from qvec.train.trainer import progress_path
 
 
 class JobMonitor:

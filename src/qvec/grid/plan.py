@@ -24,15 +24,15 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from ..models import ModelSpec
-from ..probe import NOISE
-from ..quant import QuantSpec
-from ..recipe import Recipe
-from ..rules import MEAN_DONOR, SIGNALS, LambdaRule, get_rule, lam_key, select_lambda, signals_of  # noqa: F401  (select_lambda: re-exported)
-from ..tasks import local_task_files, resolve_data_dir
-from .artifacts import ArtifactStore, content_key, file_digest
-from .config import GridConfig
-from .params import BaselineParams, CellsParams, JobParams, PipelineParams
+from qvec.data.probe import NOISE
+from qvec.data.tasks import local_task_files, resolve_data_dir
+from qvec.grid.artifacts import ArtifactStore, content_key, file_digest
+from qvec.grid.config import GridConfig
+from qvec.grid.params import BaselineParams, CellsParams, JobParams, PipelineParams
+from qvec.models import ModelSpec
+from qvec.quant import QuantSpec
+from qvec.train.recipe import Recipe
+from qvec.vectors.rules import MEAN_DONOR, SIGNALS, LambdaRule, get_rule, lam_key, select_lambda, signals_of  # noqa: F401  (select_lambda: re-exported)
 
 KIND_ORDER = ("pretrain", "finetune", "vector", "baseline", "cells")
 FLOAT_BASELINES = ("ft", "pretrained")

@@ -11,8 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..atomic import atomic_path
-from ..errors import QvecError
+from qvec.core.atomic import atomic_path
+from qvec.core.errors import QvecError
 
 
 def nanmean(xs) -> float:

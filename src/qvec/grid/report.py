@@ -17,10 +17,10 @@ import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from ..checkpoint import atomic_path
-from ..errors import QvecError
-from .render import Table, register_figure, register_table, report_parts, unregister_figure, unregister_table
-from .report_data import (
+from qvec.core.checkpoint import atomic_path
+from qvec.core.errors import QvecError
+from qvec.grid.render import Table, register_figure, register_table, report_parts, unregister_figure, unregister_table
+from qvec.grid.report_data import (
     NAN,
     SEL,
     ZS,
@@ -29,10 +29,10 @@ from .report_data import (
     load_study,
     pooled_recovery,
 )
-from .report_data import _median_lambda as _median_lambda  # tests
-from .report_figures import bars_figure, heatmap_figure, lambda_figure, ptq_loss_figure, radar_figure
-from .report_rules import MIN_GAP_POINTS
-from .report_tables import (
+from qvec.grid.report_data import _median_lambda as _median_lambda  # tests
+from qvec.grid.report_figures import bars_figure, heatmap_figure, lambda_figure, ptq_loss_figure, radar_figure
+from qvec.grid.report_rules import MIN_GAP_POINTS
+from qvec.grid.report_tables import (
     baseline_table,
     cost_table,
     ptq_loss_table,
@@ -41,7 +41,7 @@ from .report_tables import (
     summary_table,
     wise_table,
 )
-from .store import ResultStore
+from qvec.grid.store import ResultStore
 
 __all__ = [
     "MIN_GAP_POINTS", "NAN", "SEL", "ZS", "Pair", "StudyData", "bars_figure", "baseline_table",

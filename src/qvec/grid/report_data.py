@@ -14,13 +14,13 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from ..errors import QvecError
-from ..rules import MEAN_DONOR, LambdaRule
-from .plan import lam_key, select_lambda
-from .render import nanmean
-from .report_pipelines import pipeline_cost, pipeline_patched
-from .report_rules import MIN_GAP_POINTS, RuleOutcome, rule_outcomes, study_rules
-from .store import ResultStore
+from qvec.core.errors import QvecError
+from qvec.grid.plan import lam_key, select_lambda
+from qvec.grid.render import nanmean
+from qvec.grid.report_pipelines import pipeline_cost, pipeline_patched
+from qvec.grid.report_rules import MIN_GAP_POINTS, RuleOutcome, rule_outcomes, study_rules
+from qvec.grid.store import ResultStore
+from qvec.vectors.rules import MEAN_DONOR, LambdaRule
 
 NAN = float("nan")
 ZS = "λ = 1 (zero-shot)"

@@ -15,10 +15,10 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from .plan import lam_key
-from .render import _plt, _save, nanmean, register_figure, unregister_figure
-from .report_data import SEL, ZS, StudyData, study_rules_domain
-from .report_rules import rules_figure
+from qvec.grid.plan import lam_key
+from qvec.grid.render import _plt, _save, nanmean, register_figure, unregister_figure
+from qvec.grid.report_data import SEL, ZS, StudyData, study_rules_domain
+from qvec.grid.report_rules import rules_figure
 
 __all__ = ["bars_figure", "heatmap_figure", "lambda_figure", "ptq_loss_figure", "radar_figure", "register_figure",
            "rule_deltas_figure", "unregister_figure"]

@@ -11,11 +11,11 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 
-from ..errors import QvecError
-from ..quant import get_quantizer
-from ..rules import MEAN_DONOR, LambdaRule, lam_key
-from .render import Table, nanmean
-from .report_rules import RuleOutcome
+from qvec.core.errors import QvecError
+from qvec.grid.render import Table, nanmean
+from qvec.grid.report_rules import RuleOutcome
+from qvec.quant import get_quantizer
+from qvec.vectors.rules import MEAN_DONOR, LambdaRule, lam_key
 
 NAN = float("nan")
 

@@ -16,9 +16,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..rules import MEAN_DONOR, LambdaRule, get_rule, lam_key
-from .plan import pair_choices
-from .render import Table, _plt, _save, nanmean
+from qvec.grid.plan import pair_choices
+from qvec.grid.render import Table, _plt, _save, nanmean
+from qvec.vectors.rules import MEAN_DONOR, LambdaRule, get_rule, lam_key
 
 NAN = float("nan")
 #: Receivers whose QAT ceiling is within this many points of FT+PTQ have nothing to recover; their recovery

@@ -13,10 +13,10 @@ import math
 import statistics
 from collections.abc import Sequence
 
-from .render import Table, nanmean, register_table
-from .report_data import NAN, SEL, StudyData, pooled_recovery, study_rules_domain
-from .report_pipelines import pipelines_table
-from .report_rules import MIN_GAP_POINTS, donor_table, rules_tables
+from qvec.grid.render import Table, nanmean, register_table
+from qvec.grid.report_data import NAN, SEL, StudyData, pooled_recovery, study_rules_domain
+from qvec.grid.report_pipelines import pipelines_table
+from qvec.grid.report_rules import MIN_GAP_POINTS, donor_table, rules_tables
 
 
 # -------------------------------------------------------------------------------------------------- tables

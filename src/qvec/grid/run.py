@@ -17,11 +17,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from ..checkpoint import atomic_path
-from ..errors import QvecError
-from ..models import ModelSpec
-from ..recipe import Recipe
-from ..schema import (
+from qvec.core.checkpoint import atomic_path
+from qvec.core.errors import QvecError
+from qvec.core.schema import (
     META_FINGERPRINT,
     META_INCLUDE_IN_PROJ,
     META_KIND,
@@ -31,11 +29,13 @@ from ..schema import (
     META_TASK,
     META_TRAIN_SECONDS,
 )
-from .config import GridConfig
-from .executors import Executor, make_executor
-from .jobs import JobOutput
-from .plan import Job, Plan, build_plan, candidate_keys, job_result_keys, missing_keys
-from .store import JobRecord, ResultStore, Training
+from qvec.grid.config import GridConfig
+from qvec.grid.executors import Executor, make_executor
+from qvec.grid.jobs import JobOutput
+from qvec.grid.plan import Job, Plan, build_plan, candidate_keys, job_result_keys, missing_keys
+from qvec.grid.store import JobRecord, ResultStore, Training
+from qvec.models import ModelSpec
+from qvec.train.recipe import Recipe
 
 ARTIFACT_KINDS = ("pretrain", "finetune", "vector")
 

@@ -29,9 +29,9 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
-from .. import __version__
-from ..checkpoint import atomic_path
-from ..errors import QvecError
+from qvec import __version__
+from qvec.core.checkpoint import atomic_path
+from qvec.core.errors import QvecError
 
 #: The database schema this code writes, kept in ``PRAGMA user_version``. An older database is migrated on open,
 #: step by step (:data:`MIGRATIONS`); a newer one is refused.

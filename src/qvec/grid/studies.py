@@ -15,14 +15,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import __version__
-from ..errors import QvecError
-from ..synthetic import PRETRAIN_FILE, SYNTHETIC_TASKS, write_suite
-from ..tasks import local_task_files
-from .config import GridConfig, config_from_dict, load_config
-from .executors import Executor
-from .report import write_report
-from .run import RunSummary, run_grid
+from qvec import __version__
+from qvec.core.errors import QvecError
+from qvec.data.synthetic import PRETRAIN_FILE, SYNTHETIC_TASKS, write_suite
+from qvec.data.tasks import local_task_files
+from qvec.grid.config import GridConfig, config_from_dict, load_config
+from qvec.grid.executors import Executor
+from qvec.grid.report import write_report
+from qvec.grid.run import RunSummary, run_grid
 
 #: The demo's settings. 2-bit because the tiny, briefly trained demo ViT loses little to 3-bit RTN (measured), and
 #: a study is only informative where PTQ hurts. Limits keep the whole study short on 2 CPU cores (docs/grid.md).

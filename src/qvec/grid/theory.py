@@ -12,17 +12,17 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..checkpoint import Checkpoint
-from ..errors import QvecError
-from ..fisher import diagonal_fisher, predict, spearman
-from ..models import load_model
-from ..tasks import get_task
-from ..vector import QuantVector
-from .config import GridConfig
-from .plan import build_plan
-from .render import Table
-from .report_data import load_study
-from .store import ResultStore
+from qvec.core.checkpoint import Checkpoint
+from qvec.core.errors import QvecError
+from qvec.data.tasks import get_task
+from qvec.grid.config import GridConfig
+from qvec.grid.plan import build_plan
+from qvec.grid.render import Table
+from qvec.grid.report_data import load_study
+from qvec.grid.store import ResultStore
+from qvec.models import load_model
+from qvec.vectors.fisher import diagonal_fisher, predict, spearman
+from qvec.vectors.vector import QuantVector
 
 
 @dataclass

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..checkpoint import Checkpoint
-from ..errors import QvecError
-from ..schema import META_MODEL
-from . import hf, open_clip, timm_vit  # noqa: F401  (registers the timm, qvec, open_clip, hf-clip, hf-vit families)
-from .base import DataConfig, ModelAdapter, ModelSpec, builtin_names, families, get_adapter, register_adapter
-from .loading import load_state_strict
+from qvec.core.checkpoint import Checkpoint
+from qvec.core.errors import QvecError
+from qvec.core.schema import META_MODEL
+from qvec.models import hf, open_clip, timm_vit  # noqa: F401  (registers the timm, qvec, open_clip, hf-clip, hf-vit families)
+from qvec.models.base import DataConfig, ModelAdapter, ModelSpec, builtin_names, families, get_adapter, register_adapter
+from qvec.models.loading import load_state_strict
 
 __all__ = [
     "DataConfig",

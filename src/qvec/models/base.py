@@ -13,9 +13,8 @@ from abc import ABC, abstractmethod
 import torch
 from torch import nn
 
-from ..errors import QvecError
-from ..quant import Target, find_targets
-from ..spec import _BARE_NAMES, _FAMILIES, DataConfig, ModelSpec  # noqa: F401  (re-exported: the models' API)
+from qvec.core.errors import QvecError
+from qvec.core.spec import _BARE_NAMES, _FAMILIES, DataConfig, ModelSpec  # noqa: F401  (re-exported: the models' API)
 
 
 class ModelAdapter(ABC):
@@ -51,10 +50,6 @@ class ModelAdapter(ABC):
             if self.is_head(k) and k.endswith("weight") and v.ndim == 2:
                 return int(v.shape[0])
         return 0
-
-    def targets(self, model: nn.Module, include_in_proj: bool = True) -> list[Target]:
-        """The backbone weights that PTQ and QAT quantize."""
-        return find_targets(model, self.head_prefixes, include_in_proj=include_in_proj)
 
     def check_spec(self, spec: ModelSpec) -> None:
         """Raise a one-line QvecError when ``spec`` cannot be built (unknown name, bad options, an input size the

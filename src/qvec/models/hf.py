@@ -27,11 +27,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import QvecError
-from ..zeroshot import TextTower, ZeroShotClassifier, ZeroShotHead, init_zeroshot_head
-from .base import DataConfig, ModelAdapter, ModelSpec, register_adapter
-from .hub import offline_error, require_weights_file
-from .loading import check_state_matches, read_any_state_dict
+from qvec.core.checkpoint import read_any_state_dict
+from qvec.core.errors import QvecError
+from qvec.models.base import DataConfig, ModelAdapter, ModelSpec, register_adapter
+from qvec.models.hub import offline_error, require_weights_file
+from qvec.models.loading import check_state_matches
+from qvec.models.zeroshot import TextTower, ZeroShotClassifier, ZeroShotHead, init_zeroshot_head
 
 _HF_ERRORS = (OSError, ValueError)
 

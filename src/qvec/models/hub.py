@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import QvecError
+from qvec.core.errors import QvecError
 
 
 def offline_error(what: str, err: BaseException, hint: str) -> QvecError:

@@ -7,17 +7,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..checkpoint import read_safetensors, read_torch_state_dict
-from ..errors import QvecError
-from .base import ModelAdapter
-
-
-def read_any_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """A state dict from safetensors or a PyTorch file (``weights_only``)."""
-    path = Path(path)
-    if path.suffix in (".pt", ".pth", ".bin"):
-        return read_torch_state_dict(path)
-    return read_safetensors(path)[0]
+from qvec.core.checkpoint import read_any_state_dict
+from qvec.core.errors import QvecError
+from qvec.models.base import ModelAdapter
 
 
 def check_state_matches(

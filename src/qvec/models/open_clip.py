@@ -34,11 +34,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import QvecError
-from ..zeroshot import TextTower, ZeroShotClassifier, ZeroShotHead, init_zeroshot_head
-from .base import DataConfig, ModelAdapter, ModelSpec, register_adapter
-from .hub import offline_error, require_weights_file
-from .loading import load_backbone_weights
+from qvec.core.errors import QvecError
+from qvec.models.base import DataConfig, ModelAdapter, ModelSpec, register_adapter
+from qvec.models.hub import offline_error, require_weights_file
+from qvec.models.loading import load_backbone_weights
+from qvec.models.zeroshot import TextTower, ZeroShotClassifier, ZeroShotHead, init_zeroshot_head
 
 # ------------------------------------------------------------------------------------------ configs
 
@@ -193,7 +193,7 @@ def _image_only_file(path: Path) -> bool:
         except Exception as e:  # safetensors raises several types on corrupt files
             raise QvecError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0][:160]})") from None
     else:
-        from .loading import read_any_state_dict
+        from qvec.core.checkpoint import read_any_state_dict
 
         keys = list(read_any_state_dict(path))
     return bool(keys) and all(k.startswith(("visual.", "head.")) for k in keys)

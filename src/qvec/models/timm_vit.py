@@ -9,10 +9,10 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from ..errors import QvecError
-from .base import _BUILTIN_NAMES, DataConfig, ModelAdapter, ModelSpec, register_adapter
-from .hub import offline_error, require_weights_file
-from .loading import load_backbone_weights
+from qvec.core.errors import QvecError
+from qvec.models.base import _BUILTIN_NAMES, DataConfig, ModelAdapter, ModelSpec, register_adapter
+from qvec.models.hub import offline_error, require_weights_file
+from qvec.models.loading import load_backbone_weights
 
 # Small ViTs for the CPU-scale replication: 32x32 inputs, 4x4 patches (64 tokens + class token).
 # Their training and evaluation throughput is in docs/training.md ("Training and evaluation throughput").

@@ -1,0 +1,84 @@
+"""Tasks: named image-classification datasets with train / validation / test splits.
+
+Two sources:
+
+* a local folder of ``<name>.npz`` files (format of the data README: ``x_train``/``y_train``/``x_test``/``y_test``
+  uint8 HWC images and int64 labels, ``classes``). The folder is configuration: the ``data_dir`` argument,
+  ``--data DIR`` on the command line, or the ``QVEC_DATA`` environment variable;
+* the 22 paper tasks (SPEC section 5) through Hugging Face ``datasets``, by paper name (``MNIST``, ``hf:GTSRB``) or
+  by dataset id (``hf:ylecun/mnist``). ``hf_root`` (or ``QVEC_HF_ROOT``) points at a local mirror where dataset
+  ``owner/name`` was saved with ``DatasetDict.save_to_disk`` under ``<root>/owner/name``.
+
+One module per job, all re-exported here (import from ``qvec.tasks``):
+
+* :mod:`~qvec.tasks.catalogue`: which tasks exist and where their data lives (the paper table, name aliases, the
+  data folder, :func:`locate_task`), without decoding anything;
+* :mod:`~qvec.tasks.splits`: :class:`Task`, the :class:`TaskSplit` kinds and the SPEC validation rule
+  (:func:`validation_indices`);
+* :mod:`~qvec.tasks.loaders`: readers for task ``.npz`` files, Hugging Face datasets and the JPEG pretraining
+  corpus;
+* :mod:`~qvec.tasks.registry`: :func:`get_task`, name -> loaded task, once per process;
+* :mod:`~qvec.tasks.transforms`: :func:`resize_batch` and :func:`normalize`, a model's preprocessing.
+"""
+
+from qvec.data.tasks.catalogue import (
+    DATA_ENV,
+    HF_ROOT_ENV,
+    PAPER_TASKS,
+    PaperTask,
+    TaskInfo,
+    list_tasks,
+    local_task_files,
+    locate_task,
+    paper_task,
+    resolve_data_dir,
+    task_summaries,
+)
+from qvec.data.tasks.loaders import NPZ_ARRAYS, load_hf_task, load_jpeg_corpus, load_npz_task
+from qvec.data.tasks.registry import get_task
+from qvec.data.tasks.splits import (
+    SPLITS,
+    VAL_FRACTION,
+    VAL_MAX,
+    VAL_SEED,
+    ArraySplit,
+    HFSplit,
+    SplitName,
+    SubsetSplit,
+    Task,
+    TaskSplit,
+    validation_indices,
+)
+from qvec.data.tasks.transforms import normalize, resize_batch
+
+__all__ = [
+    "DATA_ENV",
+    "HF_ROOT_ENV",
+    "NPZ_ARRAYS",
+    "PAPER_TASKS",
+    "SPLITS",
+    "VAL_FRACTION",
+    "VAL_MAX",
+    "VAL_SEED",
+    "ArraySplit",
+    "HFSplit",
+    "PaperTask",
+    "SplitName",
+    "SubsetSplit",
+    "Task",
+    "TaskInfo",
+    "TaskSplit",
+    "get_task",
+    "list_tasks",
+    "load_hf_task",
+    "load_jpeg_corpus",
+    "load_npz_task",
+    "local_task_files",
+    "locate_task",
+    "normalize",
+    "paper_task",
+    "resize_batch",
+    "resolve_data_dir",
+    "task_summaries",
+    "validation_indices",
+]

@@ -1,0 +1,213 @@
+"""Packed low-bit checkpoints: the integer codes of every quantized weight bit-packed at the chosen bit-width.
+
+A 3-bit weight really takes 3 bits: codes are stored as unsigned levels (``q - qmin``) packed little-endian into a
+uint8 stream; scales are fp16 (one per row or group) and zero points uint8 (asymmetric only; fp16 for a quantizer
+whose zero points are real-valued, HQQ). Every other tensor
+is stored as is. Dequantizing gives ``(level + qmin - zero) * scale16``; with fp32 scales (``scale_dtype``) it
+equals :func:`qvec.quant.fake_quantize` exactly, and with fp16 scales each weight differs from it by at most
+``max|q - zero| * |scale32 - scale16| <= 2**bits * scale32 * 2**-11`` (fp16 keeps 11 significant bits). The bound
+needs normal fp16 numbers, so a tensor whose scales fall outside fp16's normal range (rows of magnitude below
+about 1e-4, or huge ones) keeps its scales in fp32.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from qvec.core.checkpoint import Checkpoint, read_safetensors, save_safetensors
+from qvec.core.errors import QvecError
+from qvec.core.schema import FORMAT_PACKED, META_FORMAT, META_MODEL, META_PACKED, check_header
+from qvec.quant.base import QuantizerConfig
+from qvec.quant.grid import NonFiniteWeightError, QuantSpec, dequantize_codes, grouped_view, quantize_codes
+from qvec.quant.ptq import QuantizedCheckpoint, quantize_checkpoint
+from qvec.quant.targets import ALL_TARGETS, TargetFilter
+
+CODES, SCALE, ZERO = ".__qcodes", ".__qscale", ".__qzero"
+SCALE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+
+
+def pack_bits(levels: np.ndarray, bits: int) -> np.ndarray:
+    """Pack unsigned ``bits``-bit integers (uint8 array) into a dense little-endian uint8 bit stream."""
+    flat = np.ascontiguousarray(levels, dtype=np.uint8).reshape(-1, 1)
+    bit_matrix = np.unpackbits(flat, axis=1, bitorder="little")[:, :bits]
+    return np.packbits(bit_matrix.reshape(-1), bitorder="little")
+
+
+def unpack_bits(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """Inverse of :func:`pack_bits`: ``count`` unsigned integers of ``bits`` bits each."""
+    if packed.size * 8 < count * bits:
+        raise QvecError(f"packed stream holds {packed.size * 8} bits, {count * bits} needed for {count} codes")
+    bit_matrix = np.unpackbits(packed, count=count * bits, bitorder="little").reshape(count, bits)
+    padded = np.zeros((count, 8), dtype=np.uint8)
+    padded[:, :bits] = bit_matrix
+    return np.packbits(padded, axis=1, bitorder="little").reshape(count)
+
+
+@dataclass
+class PackReport:
+    """Sizes in bytes of the packed file against fp32 and fp16 checkpoints of the same model."""
+
+    packed_bytes: int
+    fp32_bytes: int
+    fp16_bytes: int
+    quantized_fp32_bytes: int
+    quantized_packed_bytes: int
+    num_quantized: int
+    #: quantized weights (elements) in all
+    quantized_weights: int = 0
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Stored bits per quantized weight: codes, scales and zero points, as in the file."""
+        return self.quantized_packed_bytes * 8 / max(1, self.quantized_weights)
+
+    @property
+    def quantized_ratio(self) -> float:
+        """Packed bytes of the quantized tensors (codes + scales + zeros) over their fp32 bytes."""
+        return self.quantized_packed_bytes / max(1, self.quantized_fp32_bytes)
+
+
+_FP16 = torch.finfo(torch.float16)
+
+
+def _scale_dtype_for(scale: torch.Tensor, wanted: torch.dtype) -> torch.dtype:
+    """``wanted``, unless fp16 was asked for and a scale would be subnormal or infinite in it (then fp32)."""
+    if wanted == torch.float16 and (scale.min() < _FP16.smallest_normal or scale.max() > _FP16.max):
+        return torch.float32
+    return wanted
+
+
+def pack_state(
+    state: dict[str, torch.Tensor], qparams: dict[str, tuple], grid: QuantSpec,
+    scale_dtype: torch.dtype = torch.float16,
+) -> tuple[dict[str, torch.Tensor], dict[str, list[int]]]:
+    """Tensors of a packed checkpoint, and the original shape of every packed weight. ``qparams`` holds the
+    (scale, zero) of each quantized weight, whose values in ``state`` are on the grid: its codes are read back
+    exactly. Integer zero points are stored as uint8, real-valued ones (HQQ) as fp16."""
+    out: dict[str, torch.Tensor] = {}
+    shapes: dict[str, list[int]] = {}
+    for k, t in state.items():
+        if k not in qparams:
+            if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t.sum())) and not bool(
+                    torch.isfinite(t).all()):
+                raise NonFiniteWeightError(f"{k}: tensor contains NaN or Inf")
+            out[k] = t
+            continue
+        levels, scale, zero = quantize_codes(t, grid, qparams[k])
+        out[k + CODES] = torch.from_numpy(pack_bits(levels.numpy(), grid.bits))
+        out[k + SCALE] = scale.to(_scale_dtype_for(scale, scale_dtype))
+        if zero is not None:
+            integral = bool(torch.equal(zero, torch.round(zero)))
+            out[k + ZERO] = zero.to(torch.uint8) if integral else zero.to(torch.float16)
+        shapes[k] = list(t.shape)
+    return out, shapes
+
+
+def unpack_state(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> dict[str, torch.Tensor]:
+    """Dequantize a packed checkpoint's tensors back to a float state dict (original keys and shapes)."""
+    try:
+        info = json.loads(meta[META_PACKED])
+        quant = QuantSpec.from_dict(info["quant"])
+        shapes, dtypes = info["shapes"], info["dtypes"]
+    except (KeyError, ValueError, TypeError) as e:
+        raise QvecError(f"packed checkpoint header is malformed ({e})") from None
+    suffixes = (CODES, SCALE, ZERO)
+    state = {k: v for k, v in tensors.items() if not k.endswith(suffixes)}
+    for k, shape in shapes.items():
+        for suffix in (CODES, SCALE):
+            if k + suffix not in tensors:
+                raise QvecError(f"packed checkpoint lacks tensor {k + suffix!r}")
+        count = int(np.prod(shape))
+        levels = torch.from_numpy(unpack_bits(tensors[k + CODES].numpy(), quant.bits, count))
+        scale = tensors[k + SCALE]
+        rows = scale.shape[0]
+        if count % rows:
+            raise QvecError(f"packed tensor {k!r}: {rows} scales do not divide {count} weights")
+        if not bool(torch.isfinite(scale).all()):
+            raise QvecError(f"packed tensor {k!r} has NaN or Inf scales")
+        dtype = getattr(torch, str(dtypes.get(k, "")), None)
+        if not isinstance(dtype, torch.dtype):
+            raise QvecError(f"packed checkpoint header is malformed (no valid dtype for {k!r})")
+        w = dequantize_codes(levels.reshape(rows, -1), scale, tensors.get(k + ZERO), quant, shape)
+        state[k] = w.to(dtype)
+    for k, v in state.items():
+        if k not in shapes and v.is_floating_point() and v.numel() and not bool(torch.isfinite(v.sum())):
+            if not bool(torch.isfinite(v).all()):
+                raise QvecError(f"tensor {k!r} contains NaN or Inf")
+    return state
+
+
+def pack_checkpoint(
+    ckpt: Checkpoint,
+    quant: QuantizerConfig | QuantSpec,
+    out: str | os.PathLike,
+    targets: TargetFilter | bool = ALL_TARGETS,
+    scale_dtype: str = "float16",
+    calibration=None,
+    calibration_size: int = 128,
+) -> PackReport:
+    """Write a real low-bit checkpoint of ``ckpt`` to ``out`` and report its size against fp32/fp16.
+
+    ``ckpt`` is quantized first with ``quant`` (any registered quantizer; a bare grid means RTN; calibrated ones
+    take ``calibration``), unless it is already a :class:`QuantizedCheckpoint`; the codes it lands on are stored
+    exactly, in the same format for every quantizer."""
+    if scale_dtype not in SCALE_DTYPES:
+        raise QvecError(f"scale dtype must be one of {', '.join(SCALE_DTYPES)}, got {scale_dtype!r}")
+    q = ckpt if isinstance(ckpt, QuantizedCheckpoint) else quantize_checkpoint(
+        ckpt, quant, targets, calibration=calibration, calibration_size=calibration_size)
+    assert q.config is not None
+    grid = q.config.grid
+    for k in q.qparams:
+        grouped_view(q.state[k], grid)  # validates the group size up front, before anything is written
+    try:
+        tensors, shapes = pack_state(q.state, q.qparams, grid, SCALE_DTYPES[scale_dtype])
+    except NonFiniteWeightError as e:
+        raise NonFiniteWeightError(f"{ckpt.name()}: {e}") from None
+    meta = {k: v for k, v in q.meta.items() if k != META_FORMAT}
+    meta[META_FORMAT] = FORMAT_PACKED
+    meta[META_PACKED] = json.dumps(
+        {
+            "quant": grid.to_dict(),
+            "shapes": shapes,
+            "dtypes": {k: str(ckpt.state[k].dtype).removeprefix("torch.") for k in shapes},
+            "scale_dtype": scale_dtype,
+        }
+    )
+    save_safetensors(out, tensors, meta)
+    n_all = sum(t.numel() for t in ckpt.state.values() if t.is_floating_point())
+    q_fp32 = sum(ckpt.state[k].numel() * 4 for k in shapes)
+    q_packed = sum(
+        tensors[k + s].numel() * tensors[k + s].element_size() for k in shapes for s in (CODES, SCALE, ZERO)
+        if k + s in tensors
+    )
+    return PackReport(
+        packed_bytes=Path(out).stat().st_size,
+        fp32_bytes=n_all * 4,
+        fp16_bytes=n_all * 2,
+        quantized_fp32_bytes=q_fp32,
+        quantized_packed_bytes=q_packed,
+        num_quantized=len(shapes),
+        quantized_weights=q_fp32 // 4,
+    )
+
+
+def load_packed(path: str | os.PathLike) -> Checkpoint:
+    """Read a packed checkpoint and dequantize it to a float :class:`Checkpoint` (same keys as the original)."""
+    tensors, meta = read_safetensors(path)
+    meta = check_header(meta, path)
+    if meta.get(META_FORMAT) != FORMAT_PACKED:
+        raise QvecError(f"{path}: not a packed qvec checkpoint (format {meta.get(META_FORMAT, 'unknown')!r})")
+    try:
+        state = unpack_state(tensors, meta)
+    except QvecError as e:
+        raise QvecError(f"{path}: {e}") from None
+    out_meta = {k: v for k, v in meta.items() if k not in (META_FORMAT, META_PACKED)}
+    if META_MODEL not in out_meta:
+        raise QvecError(f"{path}: packed checkpoint has no model spec in its header")
+    return Checkpoint(state, out_meta, Path(path))
