@@ -121,7 +121,7 @@ def test_the_grid_is_one_quant_table_checked_by_quantspec(tmp_path, data_dir):
                                                      "group_size = 32")))
     assert flat.quant(3) == nested.quant(3) and flat.to_dict() == nested.to_dict()  # older configs: same study
     for extra, message in [
-        ('\n[quant]\ngranularity = "row"\n', "quant: granularity must be one of channel, tensor, group, got 'row'"),
+        ('\n[quant]\ngranularity = "row"\n', "quant.granularity must be one of channel, tensor, group, got 'row'"),
         ('\n[quant]\nsymmetric = "yes"\n', "quant.symmetric must be true or false"),
         ("\n[quant]\nbits = 3\n", "quant.bits: the bit-widths are the top-level bits list"),
         ("\n[quant]\ngroupsize = 3\n", "unknown key quant.groupsize"),

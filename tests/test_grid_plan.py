@@ -9,9 +9,10 @@ import pytest
 
 from qvec.cli import main
 from qvec.core.errors import QvecError
-from qvec.grid import build_plan, describe_plan, load_config, select_lambda
-from qvec.grid.plan import cell_key, lambdas_on_test
+from qvec.grid import build_plan, describe_plan, load_config
+from qvec.grid.keys import cell_key, lambdas_on_test
 from qvec.train.recipe import QUALITY_FINETUNE, QUALITY_PRETRAIN, SMALL_FINETUNE, SMALL_PRETRAIN, Recipe
+from qvec.vectors.rules import select_lambda
 
 from .conftest import shared_data_dir
 from .grid_helpers import tiny_config_text, tiny_suite

@@ -15,11 +15,13 @@ from qvec.core.errors import QvecError
 from qvec.data.probe import load_probe
 from qvec.grid import load_config, run_grid
 from qvec.grid.executors import make_executor
-from qvec.grid.plan import build_plan, pair_choices, pair_rules
+from qvec.grid.keys import pair_rules
+from qvec.grid.plan import build_plan
 from qvec.grid.report import load_study, write_report
 from qvec.grid.store import ResultStore
 from qvec.quant import QuantSpec
 from qvec.vectors.rules import LambdaRule, get_rule, register_rule, rule_names, select_lambda
+from qvec.vectors.rules import choices as pair_choices
 from qvec.vectors.selection import choose_donor, choose_lambda
 from qvec.vectors.vector import QuantVector
 
@@ -189,14 +191,19 @@ def _rules_study(tmp_path_factory):
         write_suite(root / "data", tasks=[t], n_train=300, n_test=80, n_pretrain=300)
     text = tiny_config_text(data, name="rules", extra="""
 self_pairs = false
-quantizers = ["rtn", "gptq", "toyclip"]
 
-[gptq]
+[pipelines.rtn]
+
+[pipelines.gptq]
+quantizer = "gptq"
 calibration = "receiver"
 images = 16
+lambdas = [1.0]
 
-[toyclip]
+[pipelines.toyclip]
+quantizer = "toyclip"
 clip = 0.8
+lambdas = [1.0]
 
 [rules]
 use = ["agree", "agree:top1", "agree-unlabeled", "agree-noise", "weight", "fixed:0.5", "toy-half"]
@@ -217,14 +224,15 @@ probe_domain = ["syn_shapes"]
 def test_every_rule_is_measured_on_test(rules_study):
     root, cfg, _ = rules_study
     plan = build_plan(cfg, root / "artifacts")
-    cells = [j for j in plan.jobs if j.kind == "cells"]
+    cells = [j for j in plan.jobs if j.kind == "cells" and j.params["pipeline"] == "rtn"]
     assert len(cells) == 3 * 2 + 3  # 6 transfer pairs and the mean of the others per receiver
-    assert len([j for j in plan.jobs if j.kind == "gptq"]) == 3  # one per receiver
+    gptq = [j for j in plan.jobs if j.kind == "baseline" and j.params.get("pipeline") == "gptq"]
+    assert len(gptq) == 3  # GPTQ alone: one per receiver
     with ResultStore(root / "rules.db") as store:
         rows = store.results("rules")
     for job in cells:
         p = job.params
-        mine = [r for r in rows if r.donor == p["donor"] and r.receiver == p["receiver"]]
+        mine = [r for r in rows if r.donor == p["donor"] and r.receiver == p["receiver"] and r.pipeline == "rtn"]
         val = {r.lam: r.value for r in mine if r.kind == "patched" and r.split == "val"}
         scores: dict = {}
         for r in mine:
@@ -252,7 +260,9 @@ def test_rerun_measures_nothing_and_report_has_every_rule(rules_study, tmp_path)
         assert f"| {name} |" in md
     assert "receivers in the probe's domain: syn_shapes" in md and "Choosing the donor" in md
     assert (tmp_path / "rules.png").is_file() and (tmp_path / "rules_w3.csv").is_file()
-    assert "Which pipeline at 3-bit" in md and "GPTQ agree" in md
+    assert "Every pipeline at 3-bit" in md and "What to run at 3-bit" in md
+    assert "| gptq | agree (all) | receiver inputs |" in md  # GPTQ reads the receiver's unlabeled images
+    assert (tmp_path / "pipelines_bpw.png").is_file() and (tmp_path / "views" / "gptq-all" / "report.md").is_file()
     with ResultStore(root / "rules.db") as store:
         data = load_study(store)
     zero = [o for o in data.outcomes if o.lam == 0.0]
@@ -266,15 +276,18 @@ def test_a_toy_quantizer_plugs_in_everywhere(rules_study, tmp_path, capsys):
     its own report columns, and works with quantize_, `qvec quantize` and `qvec pack`."""
     root, cfg, _ = rules_study
     plan = build_plan(cfg, root / "artifacts")
-    assert [j.id for j in plan.jobs if j.kind == "toyclip"] == [f"toyclip/w3/{t}" for t in THREE]
+    assert [j.id for j in plan.jobs if j.kind == "baseline" and j.params.get("pipeline") == "toyclip"] == [
+        f"baseline/toyclip/w3/{t}" for t in THREE]
     with ResultStore(root / "rules.db") as store:
-        rows = [r for r in store.results("rules") if r.kind.startswith("toyclip:")]
-    assert {r.kind for r in rows} == {"toyclip:ft_ptq", "toyclip:qat_ptq", "toyclip:patched"}
+        rows = [r for r in store.results("rules") if r.pipeline == "toyclip"]
+    assert {r.kind for r in rows} == {"ft_ptq", "qat_ptq", "patched", "score"}
     assert all(r.quant == "toyclip0.8-w3-sym-channel" for r in rows)  # no calibration set: it needs no data
+    assert all(r.bits_per_weight is not None and r.bits_per_weight > 3 for r in rows)
     write_report(root / "rules.db", tmp_path)
     md = (tmp_path / "report.md").read_text()
-    assert "ToyClip(FT)" in md and "ToyClip λ=1" in md and "ToyClip agree" in md and "ToyClip(QAT)" in md
-    assert "ToyClip needs no data" in md
+    for vector in ("–", "λ=1 (all)", "λ* (all)", "agree (all)", "own QAT"):
+        assert f"| toyclip | {vector} |" in md
+    assert "| toyclip | – | nothing |" in md  # it needs no data
     ckpt = next(j.params["out"] for j in plan.jobs if j.kind == "finetune" and not j.params["qat"])
     out, packed = tmp_path / "c.safetensors", tmp_path / "c.qvec.safetensors"
     assert run(capsys, "quantize", ckpt, "--method", "toyclip", "-o", out)[0] == 0
@@ -292,12 +305,13 @@ def test_gptq_in_the_grid(rules_study):
     root, cfg, _ = rules_study
     with ResultStore(root / "rules.db") as store:
         rows = store.results("rules")
-    g = [r for r in rows if r.kind.startswith("gptq:")]
-    assert {r.kind for r in g} == {"gptq:ft_ptq", "gptq:qat_ptq", "gptq:patched"}
+    g = [r for r in rows if r.pipeline == "gptq"]
+    assert {r.kind for r in g} == {"ft_ptq", "qat_ptq", "patched", "score"}
     assert all("gptq-w3-sym-channel calib=receiver:16" == r.quant for r in g)
-    for recv in THREE:  # lambda = 1 for every donor, and the rules' choices
-        mine = [r for r in g if r.kind == "gptq:patched" and r.receiver == recv]
-        assert {r.donor for r in mine} == set(THREE) - {recv} and all(r.lam in (0.5, 1.0) for r in mine)
+    for recv in THREE:  # lambda = 1 for every donor, and the rules' choices (scored with GPTQ itself)
+        mine = [r for r in g if r.kind == "patched" and r.split == "test" and r.receiver == recv]
+        assert {r.donor for r in mine} == {*(set(THREE) - {recv}), "mean"}
+        assert all(r.lam in (0.5, 1.0) for r in mine)
 
 
 def test_rules_config_errors(tmp_path):

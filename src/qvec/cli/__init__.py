@@ -1,4 +1,6 @@
-"""The ``qvec`` command line: a thin typer layer over the library (every command is a library call).
+"""Layer 7, the ``qvec`` command line: a thin typer layer over the library (every command is a library call).
+
+May import: every layer.
 
 Commands live in submodules by area (``core``: vectors and quantization; ``train``: tasks, training,
 evaluation; ``grid``: experiment grids and reports); each registers itself on :data:`app`.

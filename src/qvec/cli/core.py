@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
@@ -11,24 +10,20 @@ from rich.console import Console
 from rich.table import Table
 
 from qvec.cli import app
-from qvec.cli.options import takes
+from qvec.cli.options import QuantizerFlags, takes
 from qvec.core.checkpoint import Checkpoint
 from qvec.core.errors import QvecError
 from qvec.core.inspect import describe
 from qvec.core.schema import META_DONOR
 from qvec.models import families, get_adapter, with_model
-from qvec.quant import QuantizerConfig, QuantSpec, get_quantizer, quantizer_names
 from qvec.quant.pack import load_packed, pack_checkpoint
+from qvec.quant.presets import PRESETS
 from qvec.quant.ptq import quantize_checkpoint
 from qvec.vectors.selection import choose_donor
 from qvec.vectors.vector import QuantVector
 
 out = Console()
 
-Bits = Annotated[int, typer.Option("--bits", "-b", help="Bit-width, 2..8 (paper default 3).")]
-Gran = Annotated[str, typer.Option("--granularity", "-g", help="channel (paper default), tensor or group.")]
-GroupSize = Annotated[int, typer.Option("--group-size", help="Group size along the input dimension.")]
-Asym = Annotated[bool, typer.Option("--asymmetric/--symmetric", help="Asymmetric (zero point) or symmetric.")]
 InProj = Annotated[
     bool,
     typer.Option(
@@ -52,53 +47,6 @@ def load_checkpoint(path: Path, model: str | None = None) -> Checkpoint:
     return with_model(ckpt, model) if model else ckpt
 
 
-Method = Annotated[str, typer.Option("--method", help="A registered quantizer: rtn (round-to-nearest, no data; "
-                                     "default) or gptq (calibrated on --calib unlabeled images; same integer grid).")]
-Calib = Annotated[str | None, typer.Option("--calib", help="GPTQ calibration images: a folder, an .npz, or noise "
-                                           "(unlabeled; the receiver's own inputs or a generic set).")]
-CalibSize = Annotated[int, typer.Option("--calib-size", help="GPTQ calibration images used.")]
-
-
-@dataclass
-class GridFlags:
-    """The integer grid every quantizer shares (``QuantSpec`` less the bit-width's default)."""
-
-    bits: Bits = 3
-    granularity: Gran = "channel"
-    group_size: GroupSize = 128
-    asymmetric: Asym = False
-
-    def spec(self) -> QuantSpec:
-        return QuantSpec(bits=self.bits, symmetric=not self.asymmetric, granularity=self.granularity,
-                         group_size=self.group_size)
-
-
-@dataclass
-class QuantizerFlags:
-    """Which registered quantizer, and its calibration images when it needs them."""
-
-    method: Method = "rtn"
-    calib: Calib = None
-    calib_size: CalibSize = 128
-
-    def config(self, grid: GridFlags) -> QuantizerConfig:
-        return quantizer_config(self.method, grid.spec(), self.calib)
-
-    def describe(self, spec: QuantizerConfig) -> str:
-        return f"{spec}" + (f" calibrated on {self.calib_size} images of {self.calib}" if self.calib else "")
-
-
-def quantizer_config(method: str, grid: QuantSpec, calib: str | None) -> QuantizerConfig:
-    """The registered quantizer ``--method`` names, on the grid the flags name (its own knobs at defaults)."""
-    cls = get_quantizer(method, "--method")
-    if cls.needs_calibration and calib is None:
-        raise QvecError(f"--method {method} needs --calib PATH|noise (unlabeled calibration images)")
-    if not cls.needs_calibration and calib is not None:
-        calibrated = " or ".join(f"--method {n}" for n in quantizer_names() if get_quantizer(n).needs_calibration)
-        raise QvecError(f"--calib is for {calibrated} ({method} needs no data)")
-    return cls.from_grid(grid)
-
-
 def _mb(n: int) -> str:
     return f"{n / 2**20:.2f} MiB"
 
@@ -113,18 +61,21 @@ def extract(
     ignore_headers: Annotated[bool, typer.Option("--ignore-headers", help="Skip the checks that the FT file is "
                                                  "kind ft, the QAT file kind qat, both of one task, and different.")]
     = False,
+    coverage: Annotated[str, typer.Option("--coverage", help="all: every float backbone tensor (the paper's); "
+                                          "quantized: only the weights PTQ quantizes.")] = "all",
+    in_proj: InProj = True,
 ) -> None:
     """Extract the donor's quantization vector tau = theta_QAT - theta_FT (backbone only)."""
     vec = QuantVector.from_checkpoints(
         load_checkpoint(ft, model), load_checkpoint(qat, model), allow_fingerprint_mismatch,
-        check_roles=not ignore_headers,
+        check_roles=not ignore_headers, coverage=coverage, targets=in_proj,
     )
     vec.save(output)
     out.print(f"wrote {output}: {len(vec.tensors)} tensors, {vec.num_params:,} params, norm {vec.norm():.4f}")
 
 
 @app.command()
-@takes(grid=GridFlags)
+@takes(q=QuantizerFlags)
 def patch(
     receiver: Annotated[Path, typer.Option("--receiver", "-r", help="Receiver's fine-tuned checkpoint.")],
     vector: Annotated[list[Path], typer.Option("--vector", "-v", help="Quantization vector(s); several are averaged "
@@ -139,15 +90,16 @@ def patch(
     probe_size: Annotated[int, typer.Option("--probe-size", help="Probe images used.")] = 1000,
     donor: Annotated[str, typer.Option("--donor", help="With several vectors: mean (average them) or choose (--lam "
                                        "auto picks the best of them and their mean).")] = "mean",
-    grid: GridFlags = GridFlags(),
+    q: QuantizerFlags = QuantizerFlags(),
     in_proj: InProj = True,
     allow_fingerprint_mismatch: AllowFp = False,
     model: ModelOpt = None,
 ) -> None:
     """Patch a receiver: theta_FT^R + lam * tau (the receiver keeps its head). Quantize the result next.
 
-    With ``--lam auto`` lambda is chosen for the quantizer given by --bits etc. (lambda = 0, no patch, is a
-    candidate); the choice and every candidate's score are printed and recorded in the output's header."""
+    With ``--lam auto`` lambda is chosen for the deploy quantizer (--preset, or --method and --bits etc.): every
+    candidate is scored after that quantizer (lambda = 0, no patch, is a candidate); the choice and every
+    candidate's score are printed and recorded in the output's header."""
     if donor not in ("mean", "choose"):
         raise QvecError(f"--donor must be mean or choose, got {donor!r}")
     vecs = [QuantVector.load(v) for v in vector]
@@ -169,9 +121,9 @@ def patch(
             cands = {f"{i}:{p.name}": v for i, (p, v) in enumerate(zip(vector, vecs, strict=True))}
     else:
         cands = {"vector" if len(vecs) == 1 else "mean": vecs[0] if len(vecs) == 1 else QuantVector.mean(vecs)}
-    choice = choose_donor(ckpt, cands, grid.spec(), rule=rule,
-                          probe=probe, probe_size=probe_size, include_mean=donor == "choose",
-                          require_choice=donor == "choose", include_in_proj=in_proj)
+    choice = choose_donor(ckpt, cands, q.config(), rule=rule, probe=probe, probe_size=probe_size,
+                          include_mean=donor == "choose", require_choice=donor == "choose", targets=in_proj,
+                          calibration=q.calib, calibration_size=q.calib_size)
     _print_choice(choice)
     chosen = cands.get(choice.donor) if choice.donor in cands else QuantVector.mean(cands.values())
     patched = chosen.apply(ckpt, choice.lam, allow_fingerprint_mismatch, inplace=True)
@@ -214,40 +166,40 @@ def _print_choice(choice) -> None:
 
 
 @app.command()
-@takes(grid=GridFlags, q=QuantizerFlags)
+@takes(q=QuantizerFlags)
 def quantize(
     input: Annotated[Path, typer.Argument(help="Checkpoint to quantize.")],
     output: Output,
-    grid: GridFlags = GridFlags(),
+    q: QuantizerFlags = QuantizerFlags(),
     in_proj: InProj = True,
     model: ModelOpt = None,
-    q: QuantizerFlags = QuantizerFlags(),
 ) -> None:
-    """Post-training quantization (weight-only RTN, or GPTQ with --calib): write a fake-quantized float checkpoint."""
-    spec = q.config(grid)
+    """Post-training quantization with any quantizer (a preset, RTN, clip search, HQQ, or GPTQ with --calib):
+    write a fake-quantized float checkpoint."""
+    spec = q.config()
     quantized = quantize_checkpoint(load_checkpoint(input, model), spec, targets=in_proj,
                                     calibration=q.calib, calibration_size=q.calib_size)
     quantized.save(output)
-    out.print(f"wrote {output}: {q.describe(spec)}")
+    out.print(f"wrote {output}: {q.describe(spec)}, {quantized.bits_per_weight():.3f} bits per weight")
 
 
 @app.command()
-@takes(grid=GridFlags, q=QuantizerFlags)
+@takes(q=QuantizerFlags)
 def pack(
     input: Annotated[Path, typer.Argument(help="Checkpoint (float weights) to pack.")],
     output: Output,
-    grid: GridFlags = GridFlags(),
+    q: QuantizerFlags = QuantizerFlags(),
     in_proj: InProj = True,
     scale_dtype: Annotated[str, typer.Option(help="float16 (default) or float32 (bit-exact with PTQ).")] = "float16",
     model: ModelOpt = None,
-    q: QuantizerFlags = QuantizerFlags(),
 ) -> None:
     """Write a real low-bit checkpoint: bit-packed integer codes, fp16 scales, other tensors as is."""
-    r = pack_checkpoint(load_checkpoint(input, model), q.config(grid), output, targets=in_proj,
+    r = pack_checkpoint(load_checkpoint(input, model), q.config(), output, targets=in_proj,
                         scale_dtype=scale_dtype, calibration=q.calib, calibration_size=q.calib_size)
     out.print(
         f"wrote {output}: {_mb(r.packed_bytes)} (fp32 {_mb(r.fp32_bytes)}, fp16 {_mb(r.fp16_bytes)}); "
-        f"{r.num_quantized} quantized tensors at {r.quantized_ratio:.3f} of their fp32 size"
+        f"{r.num_quantized} quantized tensors at {r.bits_per_weight:.3f} bits per weight "
+        f"({r.quantized_ratio:.3f} of their fp32 size)"
     )
 
 
@@ -273,7 +225,9 @@ def inspect(
     if as_json:
         print(s.to_json())
         return
-    out.print(f"[bold]{s.path}[/]: {s.kind}, {len(s.tensors)} tensors, {s.num_params:,} values, {_mb(s.size_bytes)}")
+    bpw = f", {s.bits_per_weight:.3f} bits per quantized weight" if s.bits_per_weight is not None else ""
+    out.print(f"[bold]{s.path}[/]: {s.kind}, {len(s.tensors)} tensors, {s.num_params:,} values, {_mb(s.size_bytes)}"
+              f"{bpw}")
     if s.meta:
         meta = Table("metadata", "value", box=None)
         for k, v in sorted(s.meta.items()):
@@ -287,6 +241,21 @@ def inspect(
     out.print(table)
     if len(shown) < len(s.tensors):
         out.print(f"... {len(s.tensors) - len(shown)} more (use --limit 0)")
+
+
+@app.command()
+def presets(
+    bits: Annotated[int, typer.Option("--bits", "-b", help="Bit-width the bits per weight are given at.")] = 3,
+    rows: Annotated[int, typer.Option("--rows", help="Input size of the weight the bits per weight are for (a ViT-S "
+                                      "MLP weight has 384).")] = 384,
+) -> None:
+    """List the named quantizers (--preset), with their stored bits per weight."""
+    t = Table("preset", "quantizer", "bits/weight", "data", "what it is", box=None)
+    for name, p in PRESETS.items():
+        cfg = p.config(bits)
+        t.add_row(name, str(cfg), f"{cfg.bits_per_weight([(4 * rows, rows)]):.3f}",
+                  "unlabeled images" if cfg.needs_calibration else "none", p.description)
+    out.print(t)
 
 
 @app.command()

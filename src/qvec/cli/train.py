@@ -12,16 +12,18 @@ from rich.console import Console
 from rich.table import Table
 
 from qvec.cli import app
-from qvec.cli.options import takes
+from qvec.cli.options import QuantizerFlags, takes
 from qvec.core.checkpoint import Checkpoint
 from qvec.core.errors import QvecError
 from qvec.data.tasks import get_task, resolve_data_dir, task_summaries
 from qvec.models import ModelSpec, parse_model_name, with_model
 from qvec.quant import QuantSpec
-from qvec.train.evaluate import evaluate_checkpoint
+from qvec.train.evaluate import EvalResult, check_checkpoint_task
 from qvec.train.recipe import DEFAULT_PROFILE, PRETRAINED_PROFILES, SMALL_PROFILES, Recipe
 from qvec.train.trainer import finetune as _finetune
 from qvec.train.trainer import pretrain as _pretrain
+from qvec.vectors.measure import Bench, measure
+from qvec.vectors.signals import make_signal
 
 out = Console()
 
@@ -187,13 +189,12 @@ def _report_training(ck: Checkpoint, output: Path) -> None:
 
 
 @app.command("eval")
+@takes(q=QuantizerFlags)
 def eval_cmd(
     model: Annotated[Path, typer.Option("--model", "-m", help="Checkpoint to evaluate.")],
     task: Task,
     split: Annotated[str, typer.Option("--split", help="train, val or test.")] = "test",
-    bits: Annotated[int | None, typer.Option("--bits", "-b", help="Apply PTQ at this bit-width first.")] = None,
-    granularity: Gran = "channel",
-    group_size: Annotated[int, typer.Option("--group-size", help="Group size for group granularity.")] = 128,
+    q: QuantizerFlags = QuantizerFlags(),
     in_proj: InProj = True,
     arch: Annotated[str | None, typer.Option("--arch", help="Architecture of a checkpoint without qvec header.")]
     = None,
@@ -204,7 +205,8 @@ def eval_cmd(
     threads: Threads = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
-    """Top-1 of a checkpoint on a task split, optionally after PTQ (--bits), with throughput."""
+    """Top-1 of a checkpoint on a task split, in float or after PTQ with any quantizer (--bits, --preset,
+    --method), with throughput."""
     _set_threads(threads)
     if split not in ("train", "val", "test"):
         raise QvecError(f"unknown split {split!r}; known: train, val, test")
@@ -212,12 +214,15 @@ def eval_cmd(
     if arch:
         ckpt = with_model(ckpt, arch)
     t = get_task(task, data)
-    q = QuantSpec(bits=bits, granularity=granularity, group_size=group_size) if bits else None  # type: ignore
-    res = evaluate_checkpoint(ckpt, t, split, q, in_proj, batch_size=batch_size, limit=limit)
+    check_checkpoint_task(ckpt, ckpt.model_spec, t)
+    quant = q.config() if q.given() else None
+    bench = Bench(ckpt, t, targets=in_proj, batch_size=batch_size)
+    m = measure(bench, make_signal(split, size=limit), quant=quant, calibration=q.calib, calibration_size=q.calib_size)
+    res = EvalResult(m["top1"], round(m["top1"] * m.n), m.n, m.seconds)
     if as_json:
         print(json.dumps({"checkpoint": str(model), "task": t.name, "split": split,
-                          "quant": str(q) if q else None, **res.to_dict()}))
+                          "quant": str(quant) if quant else None, **res.to_dict()}))
         return
-    what = f" after {q} PTQ" if q else ""
+    what = f" after {q.describe(quant)} PTQ" if quant else ""
     out.print(f"{model} on {t.name}/{split}{what}: Top-1 {100 * res.accuracy:.2f}% ({res.correct}/{res.n}); "
               f"{res.images_per_s:.0f} img/s ({res.seconds:.2f} s)")

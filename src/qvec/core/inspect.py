@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,7 +12,7 @@ import torch
 
 from qvec.core.checkpoint import read_any_state_dict, read_safetensors
 from qvec.core.errors import QvecError
-from qvec.core.schema import META_FORMAT, header_schema
+from qvec.core.schema import META_FORMAT, META_PACKED, PACKED_SUFFIXES, header_schema
 
 
 @dataclass
@@ -34,6 +35,8 @@ class FileSummary:
     tensors: list[TensorInfo] = field(default_factory=list)
     size_bytes: int = 0
     schema: int | None = None
+    #: a packed file's stored bits per quantized weight (codes, scales and zero points); None for other files
+    bits_per_weight: float | None = None
 
     @property
     def num_params(self) -> int:
@@ -47,6 +50,7 @@ class FileSummary:
                 "schema": self.schema,
                 "size_bytes": self.size_bytes,
                 "num_params": self.num_params,
+                "bits_per_weight": self.bits_per_weight,
                 "meta": self.meta,
                 "tensors": [t.__dict__ for t in self.tensors],
             },
@@ -77,4 +81,15 @@ def describe(path: str | os.PathLike) -> FileSummary:
         )
         for k, t in tensors.items()
     ]
-    return FileSummary(path, kind, meta, infos, path.stat().st_size, schema)
+    return FileSummary(path, kind, meta, infos, path.stat().st_size, schema, _packed_bits_per_weight(tensors, meta))
+
+
+def _packed_bits_per_weight(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> float | None:
+    """Stored bits of a packed file's quantized tensors over the weights they hold (from its header's shapes)."""
+    try:
+        shapes = json.loads(meta[META_PACKED])["shapes"]
+        weights = sum(math.prod(int(s) for s in shape) for shape in shapes.values())
+    except (KeyError, ValueError, TypeError):
+        return None
+    stored = sum(t.numel() * t.element_size() for k, t in tensors.items() if k.endswith(PACKED_SUFFIXES))
+    return 8 * stored / weights if weights else None

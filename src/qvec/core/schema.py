@@ -58,9 +58,12 @@ META_LAMBDA_PROBE = "qvec.lambda_probe"
 # ------------------------------------------------------------------------------------------- vectors
 META_DONOR = "qvec.donor"  # the donor task, or the arithmetic that made the vector (``mean(a, b)``)
 META_PARAMS = "qvec.num_params"  # values in the vector's tensors
+META_COVERAGE = "qvec.coverage"  # which tensors the vector covers: all (float backbone) | quantized (PTQ targets)
 
 # ------------------------------------------------------------------------------------ packed checkpoints
 META_PACKED = "qvec.packed"  # JSON {"quant", "shapes", "dtypes", "scale_dtype"}
+#: suffixes of a packed weight's tensors: bit-packed codes, scales, zero points (asymmetric grids)
+PACKED_SUFFIXES = (".__qcodes", ".__qscale", ".__qzero")
 
 # ------------------------------------------------------------------------------------- zero-shot heads
 META_CLASSNAMES = "qvec.classnames"  # JSON list of the class names the head was built for
@@ -101,7 +104,7 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
     Format(FORMAT_CHECKPOINT, "a model's weights (trained, patched, quantized or unpacked)", COMMON_REQUIRED,
            _CHECKPOINT_KEYS),
     Format(FORMAT_VECTOR, "a quantization vector theta_QAT - theta_FT over the backbone",
-           (*COMMON_REQUIRED, META_PARAMS), (META_MODEL, META_DONOR, META_QUANT, META_FINGERPRINT)),
+           (*COMMON_REQUIRED, META_PARAMS), (META_MODEL, META_DONOR, META_QUANT, META_FINGERPRINT, META_COVERAGE)),
     Format(FORMAT_PACKED, "bit-packed low-bit codes, scales and zero points, other tensors as is",
            (*COMMON_REQUIRED, META_PACKED, META_MODEL, META_QUANT),
            tuple(k for k in _CHECKPOINT_KEYS if k not in (META_MODEL, META_QUANT))),

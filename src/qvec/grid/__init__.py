@@ -1,4 +1,8 @@
-"""Donor x receiver experiment grids: configuration, job graph, artifacts, results database, executors, reports.
+"""Layer 6, studies: donor x receiver grids: configuration, job graph, artifacts, results database, executors,
+reports. A study schedules and stores calls of :mod:`qvec.vectors.measure` and the training functions; it computes
+nothing of its own.
+
+May import: every layer below it (core, data, models, quant, train, vectors).
 
 ``run_grid(load_config(path), db=..., artifacts=...)`` runs (or resumes) a whole study; ``write_report(db, out)``
 turns its database into the paper's tables and figures. See docs/grid.md.
@@ -17,7 +21,6 @@ _EXPORTS = {
     "Plan": "plan",
     "build_plan": "plan",
     "describe_plan": "plan",
-    "select_lambda": "plan",
     "RunSummary": "run",
     "default_paths": "run",
     "job_status": "run",

@@ -73,13 +73,6 @@ class ArtifactStore:
                                       sort_keys=True, default=str))
         return p
 
-    def read_info(self, kind: str, key: str) -> dict:
-        p = self.path(kind, key, ".json")
-        try:
-            return json.loads(p.read_text())
-        except (OSError, ValueError):
-            return {}
-
     def link_by_name(self, named: dict[str, Path], study: str) -> Path:
         """Readable links ``by-name/<study>/<name>.safetensors`` -> the content-addressed files (``ft-mnist``,
         ``qat-w2-mnist``, ``vector-w2-mnist``), so a person can find a study's models by task and kind (studies

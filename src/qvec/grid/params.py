@@ -11,21 +11,22 @@ from typing import Any, TypedDict
 
 
 class Common(TypedDict):
-    """What every model-building job knows: the model, the data folder, whether fused in_proj weights count."""
+    """What every model-building job knows: the model, the data folder, the target filter (its record: the
+    ``in_proj`` flag, or the whole filter)."""
 
     model: str  # ModelSpec JSON
     data_dir: str | None
-    include_in_proj: bool
+    include_in_proj: bool | dict
 
 
 class TrainingParams(Common, total=False):
-    """``pretrain`` (theta_0 on a JPEG corpus) and ``finetune`` (FT, or QAT when ``qat`` is set)."""
+    """``pretrain`` (theta_0 on a JPEG corpus) and ``finetune`` (FT, or QAT on a trainable grid when ``qat``)."""
 
     data_file: str  # pretrain only: the corpus
     task: str
     recipe: str  # Recipe JSON
     init: str | None  # the theta_0 file (None: the family's hub weights)
-    qat: dict | None  # QuantSpec dict of QAT; None for FT
+    qat: dict | None  # the QuantSpec grid QAT trains on; None for FT
     seed: int
     bits: int | None
     out: str
@@ -37,6 +38,8 @@ class VectorParams(TypedDict, total=False):
 
     ft: str
     qat: str
+    coverage: str  # all | quantized
+    targets: bool | dict  # the target filter that ``quantized`` coverage follows
     sources: list[str]
     out: str
     label: str
@@ -62,25 +65,34 @@ class ReceiverParams(EvalParams):
     label: str
 
 
-class BaselineParams(ReceiverParams, total=False):
-    """``baseline``: FT, theta_0 and their PTQ (``kinds``), and QAT+PTQ at one bit-width."""
+class PipelineFields(TypedDict, total=False):
+    """What a pipeline's jobs carry about its quantizer at one bit-width."""
+
+    pipeline: str
+    bits: int | None
+    quant: dict | None  # the record row keys hash (RTN: its grid; others: config and calibration set)
+    quantizer: dict  # the quantizer config record (qvec.quant.quantizer_from_record)
+    quant_label: str  # how rows name it
+    calib: dict  # {"source", "id", "images"}: calibrated quantizers only
+
+
+class BaselineParams(ReceiverParams, PipelineFields, total=False):
+    """``baseline``: FT and theta_0 in float (``kinds``), or a pipeline's quantizer on FT, matched QAT, theta_0."""
 
     kinds: list[str]
-    bits: int | None
-    quant: dict | None
     qat: str
     qat_key: str
+    known: dict[str, float]  # rows already stored, handed to the worker (not part of the key)
 
 
-class CellsParams(ReceiverParams, total=False):
-    """``cells``: PTQ(FT + lam tau_D) of one (donor, receiver, bits) over the lambda grid, the rules' scores and
-    every rule's choice on test."""
+class CellsParams(ReceiverParams, PipelineFields, total=False):
+    """``cells``: Q(FT + lam tau_D) of one (pipeline, bits, coverage, donor, receiver) over the lambda grid, the
+    rules' scores and every rule's choice on test."""
 
     donor: str
-    bits: int
-    quant: dict
     vector: str
     vector_key: str
+    coverage: str
     lambdas: list[float]
     select_lambda: bool
     test_lambdas: str
@@ -89,21 +101,4 @@ class CellsParams(ReceiverParams, total=False):
     known: dict[str, float]  # rows already stored, handed to the worker (not part of the key)
 
 
-class PipelinePair(TypedDict):
-    donor: str
-    vector: str
-    vector_key: str
-
-
-class PipelineParams(CellsParams, total=False):
-    """A pipeline job (kind = the quantizer's name): that quantizer on FT, on QAT and on FT + lam tau_D for each
-    donor. Its config dict sits under the quantizer's own name (``params["gptq"]``), as keys always had it."""
-
-    quantizer: str  # not part of the key: the key's prefix already names it
-    qat: str
-    qat_key: str
-    calib: dict  # {"source", "id", "images"}: calibrated quantizers only
-    pairs: list[PipelinePair]
-
-
-JobParams = TrainingParams | VectorParams | BaselineParams | CellsParams | PipelineParams
+JobParams = TrainingParams | VectorParams | BaselineParams | CellsParams

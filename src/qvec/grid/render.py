@@ -60,7 +60,8 @@ class Table:
         return [md, cs]
 
 
-def _plt():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (reports are files, never windows)."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -69,14 +70,15 @@ def _plt():
     return plt
 
 
-def _save(fig, out_dir: Path, name: str) -> list[Path]:
+def save_figure(fig, out_dir: Path, name: str) -> list[Path]:
+    """Write a figure as PNG and SVG and close it."""
     paths = []
     for ext in ("png", "svg"):
         p = out_dir / f"{name}.{ext}"
         with atomic_path(p) as tmp:
             fig.savefig(tmp, format=ext, dpi=150 if ext == "png" else None, bbox_inches="tight")
         paths.append(p)
-    _plt().close(fig)
+    pyplot().close(fig)
     return paths
 
 

@@ -31,6 +31,7 @@ from qvec.grid.report_data import (
 )
 from qvec.grid.report_data import _median_lambda as _median_lambda  # tests
 from qvec.grid.report_figures import bars_figure, heatmap_figure, lambda_figure, ptq_loss_figure, radar_figure
+from qvec.grid.report_pipelines import pipelines_figure, which_pipeline_tables
 from qvec.grid.report_rules import MIN_GAP_POINTS
 from qvec.grid.report_tables import (
     baseline_table,
@@ -46,8 +47,9 @@ from qvec.grid.store import ResultStore
 __all__ = [
     "MIN_GAP_POINTS", "NAN", "SEL", "ZS", "Pair", "StudyData", "bars_figure", "baseline_table",
     "cost_table", "heatmap_figure", "lambda_figure", "load_study", "pooled_recovery", "print_summary",
-    "ptq_loss_figure", "ptq_loss_table", "ptq_verdict", "radar_figure", "recovery_table", "register_figure",
-    "register_table", "summary_table", "unregister_figure", "unregister_table", "wise_table", "write_report",
+    "pipelines_figure", "ptq_loss_figure", "ptq_loss_table", "ptq_verdict", "radar_figure", "recovery_table",
+    "register_figure", "register_table", "summary_table", "unregister_figure", "unregister_table",
+    "which_pipeline_tables", "wise_table", "write_report",
 ]
 
 
@@ -65,10 +67,15 @@ def _header(data: StudyData, preamble: str) -> list[str]:
         md += [preamble.strip(), ""]
     cfg = data.config
     profile = f" (recipe profile `{cfg['profile']}`)" if cfg.get("profile") else ""
+    if "pipelines" in cfg:
+        quant = ", ".join(f"`{q[1]}`" for _, q in sorted(data.quantizer.items()))
+        what = f"pipeline `{data.view[0]}` ({quant}), vector coverage `{data.view[1]}`"
+    else:
+        what = (f"{cfg.get('granularity', 'channel')} {'symmetric' if cfg.get('symmetric', True) else 'asymmetric'} "
+                "RTN")
     return md + [
         f"- Model `{data.model}`{profile}, backbone `{cfg.get('backbone', '?')}`, {len(data.donors)} donors x "
-        f"{len(data.receivers)} receivers, bits {data.bits}, {cfg.get('granularity', 'channel')} "
-        f"{'symmetric' if cfg.get('symmetric', True) else 'asymmetric'} RTN, seeds: {data.seeds}.",
+        f"{len(data.receivers)} receivers, bits {data.bits}, {what}, seeds: {data.seeds}.",
         f"- λ grid {cfg.get('lambdas')}; **λ = 1 is zero-shot** (no receiver data); **λ\\* is chosen per pair on the "
         "receiver's validation split and reported on test: it uses receiver data**.",
         f"- Evaluation limits: validation {cfg.get('eval', {}).get('val_limit') or 'all'} images, "
@@ -99,7 +106,10 @@ def _section(data: StudyData, scope: str, out: Path, bits: int | None = None) ->
 
 def write_report(db: str | os.PathLike, out_dir: str | os.PathLike, study: str | None = None,
                  preamble: str = "") -> Path:
-    """Write every table and figure of a study (default: the most recent) and ``report.md``; returns its path."""
+    """Write every table and figure of a study (default: the most recent) and ``report.md``; returns its path.
+
+    The page is the study's primary pipeline (the paper's tables), with the cross-pipeline tables in its summary
+    when the study has several; every other (pipeline, coverage) view gets a page of its own under ``views/``."""
     out = Path(out_dir)
     with ResultStore(db, create=False) as store:
         data = load_study(store, study)
@@ -110,11 +120,35 @@ def write_report(db: str | os.PathLike, out_dir: str | os.PathLike, study: str |
     lead, verdict = ptq_verdict(data)
     md += ["## Summary", "", verdict, ""]
     md += _section(data, "study", out)
+    md += _bits_sections(data, lead, out)
+    md += ["## Cost", ""]
+    md += _section(data, "cost", out)
+    if data.siblings:
+        md += ["## Other pipelines and coverages", ""]
+        for v, view in data.siblings.items():
+            page = _view_page(view, out / "views" / f"{v[0]}-{v[1]}", preamble)
+            md.append(f"- [{v[0]}, vector coverage {v[1]}]({page.relative_to(out).as_posix()})")
+        md.append("")
+    path = out / "report.md"
+    with atomic_path(path) as tmp:
+        tmp.write_text("\n".join(md))
+    return path
+
+
+def _bits_sections(data: StudyData, lead: int, out: Path) -> list[str]:
+    md: list[str] = []
     for b in [lead, *[b for b in data.bits if b != lead]]:
         md += [f"## {b}-bit", ""]
         md += _section(data, "bits", out, b)
-    md += ["## Cost", ""]
-    md += _section(data, "cost", out)
+    return md
+
+
+def _view_page(view: StudyData, out: Path, preamble: str) -> Path:
+    """One (pipeline, coverage) view's own page: its per-bit-width tables and figures."""
+    out.mkdir(parents=True, exist_ok=True)
+    md = _header(view, preamble)
+    if view.bits:
+        md += _bits_sections(view, ptq_verdict(view)[0], out)
     path = out / "report.md"
     with atomic_path(path) as tmp:
         tmp.write_text("\n".join(md))

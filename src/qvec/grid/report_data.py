@@ -1,7 +1,7 @@
 """The data of a report: one study's rows, loaded from the results database into :class:`StudyData`.
 
 Baselines and patched pairs are averaged over seeds; lambda* is re-derived from the stored validation rows with the
-same rule the workers used (:func:`qvec.grid.plan.select_lambda`), so a report is a pure function of the database.
+same rule the workers used (:func:`qvec.vectors.rules.select_lambda`), so a report is a pure function of the database.
 lambda* uses the receiver's validation data, so it is never called zero-shot; lambda = 1 is. The tables
 (:mod:`qvec.grid.report_tables`) and figures (:mod:`qvec.grid.report_figures`) are functions of a StudyData.
 """
@@ -11,16 +11,14 @@ from __future__ import annotations
 import math
 import statistics
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 
 from qvec.core.errors import QvecError
-from qvec.grid.plan import lam_key, select_lambda
 from qvec.grid.render import nanmean
-from qvec.grid.report_pipelines import pipeline_cost, pipeline_patched
 from qvec.grid.report_rules import MIN_GAP_POINTS, RuleOutcome, rule_outcomes, study_rules
 from qvec.grid.store import ResultStore
-from qvec.vectors.rules import MEAN_DONOR, LambdaRule
+from qvec.vectors.rules import MEAN_DONOR, LambdaRule, lam_key, select_lambda
 
 NAN = float("nan")
 ZS = "λ = 1 (zero-shot)"
@@ -81,10 +79,13 @@ class StudyData:
     seeds: int = 1
     #: every lambda rule's outcome per pair (qvec.grid.report_rules), the mean-of-others donor included
     outcomes: list[RuleOutcome] = field(default_factory=list)
-    #: quantizer -> (bits, donor, receiver) -> {lambda: its accuracy on FT + lam tau}, for every quantizer other
-    #: than RTN (qvec.grid.report_pipelines), and each one's cost (s/model, calibration images)
-    pipelines: dict = field(default_factory=dict)
-    pipeline_cost: dict = field(default_factory=dict)
+    #: the (pipeline, vector coverage) this data is the view of, and every view of the study in config order
+    view: tuple[str, str] = ("rtn", "all")
+    views: list[tuple[str, str]] = field(default_factory=list)
+    #: the other views' data (filled for the view ``load_study`` returns; the siblings have none of their own)
+    siblings: dict[tuple[str, str], StudyData] = field(default_factory=dict)
+    #: bits -> (mean bits per weight of the view's quantizer, its quantizer label, mean seconds of one PTQ pass)
+    quantizer: dict[int, tuple[float, str, float]] = field(default_factory=dict)
 
     def base(self, kind: str, receiver: str, bits: int | None = None) -> float:
         return self.baselines.get((kind, receiver, bits), NAN)
@@ -121,21 +122,86 @@ def study_rules_domain(data: StudyData) -> tuple[list[LambdaRule], list[str]]:
     return study_rules(data.config), domain
 
 
-def load_study(store: ResultStore, study: str | None = None) -> StudyData:
-    """Collect a study's rows into baselines, pairs (with lambda* re-derived from validation) and costs."""
+def primary_pipeline(config: Mapping) -> str:
+    """The study's first pipeline (the paper's tables are its view); ``rtn`` for studies before pipelines."""
+    return next(iter(config.get("pipelines") or {}), "rtn")
+
+
+def row_view(r, primary: str) -> tuple[str, str, str]:
+    """(pipeline, coverage, kind) of a row: ``""`` pipeline for float rows (every view shares them), and rows of
+    databases before pipelines (kinds ``gptq:patched``, RTN without a pipeline) named as their config named them."""
+    name, sep, rest = r.kind.partition(":")
+    if sep:
+        return name, "all", rest
+    if r.bits is None:
+        return "", "", r.kind
+    return r.pipeline or primary, r.coverage or "", r.kind
+
+
+def study_views(rows: Sequence, config: Mapping) -> list[tuple[str, str]]:
+    """Every (pipeline, coverage) of a study, in config order; a pipeline measured alone only is one view."""
+    primary = primary_pipeline(config)
+    tagged = [row_view(r, primary) for r in rows]
+    views = {(p, c or "all") for p, c, k in tagged if p and k == "patched"}
+    views |= {(p, "all") for p, _, _ in tagged if p and not any(v[0] == p for v in views)}
+    order = list(dict.fromkeys([primary, *(config.get("pipelines") or {}), *(config.get("quantizers") or [])]))
+    covs = ["all", "quantized"]
+    return sorted(views, key=lambda v: (order.index(v[0]) if v[0] in order else len(order), v[0],
+                                        covs.index(v[1]) if v[1] in covs else len(covs), v[1]))
+
+
+def _view_rows(rows: Sequence, primary: str, view: tuple[str, str]) -> list:
+    """The rows of one view, with plain kinds: float rows, the pipeline's alone rows, its cells at the coverage."""
+    out = []
+    for r in rows:
+        pipe, cov, kind = row_view(r, primary)
+        if pipe == "" or (pipe == view[0] and cov in ("", view[1])):
+            out.append(r if kind == r.kind else replace(r, kind=kind))
+    return out
+
+
+def load_study(store: ResultStore, study: str | None = None, view: tuple[str, str] | None = None) -> StudyData:
+    """Collect one view of a study (default: its primary pipeline at the first coverage) into baselines, pairs
+    (with lambda* re-derived from validation) and costs; ``views`` lists every view the study has."""
     study = store.resolve_study(study)
     config = store.study_config(study)
     rows = store.results(study)
     if not rows:
         raise QvecError(f"{store.path}: study {study!r} has no results yet")
+    primary = primary_pipeline(config)
+    views = study_views(rows, config)
+    if view is None:
+        view = views[0] if views else (primary, "all")
+    elif view not in views:
+        raise QvecError(f"study {study!r} has no pipeline {view[0]!r} at coverage {view[1]!r} "
+                        f"(it has: {', '.join(f'{p}/{c}' for p, c in views)})")
+    trainings = store.trainings(study)
+    data = _study_data(_view_rows(rows, primary, view), config, trainings, study)
+    data.view, data.views = view, views
+    for v in views:
+        if v != view:
+            data.siblings[v] = _study_data(_view_rows(rows, primary, v), config, trainings, study)
+            data.siblings[v].view, data.siblings[v].views = v, views
+    return data
+
+
+def _quantizer_info(rows: Sequence) -> dict[int, tuple[float, str, float]]:
+    by: dict[int, list] = defaultdict(list)
+    for r in rows:
+        if r.bits is not None:
+            by[r.bits].append(r)
+    return {b: (nanmean(r.bits_per_weight if r.bits_per_weight is not None else NAN for r in rs), rs[0].quant,
+                nanmean(r.ptq_seconds for r in rs)) for b, rs in by.items()}
+
+
+def _study_data(rows: Sequence, config: Mapping, trainings: Sequence, study: str) -> StudyData:
     seeds = sorted({r.seed for r in rows})
     base_acc: dict[tuple, list[float]] = defaultdict(list)
     val: dict[tuple, dict[float, float]] = defaultdict(dict)
     test: dict[tuple, dict[str, float]] = defaultdict(dict)
     cost: dict[tuple, list[float]] = defaultdict(list)
     for r in rows:
-        if r.kind == "score" or r.donor == MEAN_DONOR or r.kind.endswith(":patched"):
-            # report_rules / report_pipelines
+        if r.kind == "score" or r.donor == MEAN_DONOR:  # report_rules
             continue
         if r.kind != "patched":
             if r.split == "test":
@@ -171,7 +237,7 @@ def load_study(store: ResultStore, study: str | None = None) -> StudyData:
     receivers = _ordered({r.receiver for r in rows}, config.get("receivers") or tasks)
     donors = _ordered({p.donor for p in pairs}, config.get("donors") or tasks)
     bits_list = sorted({r.bits for r in rows if r.bits is not None})
-    qat_cost = {(t.task, t.bits): t.seconds for t in store.trainings(study) if t.bits is not None}
+    qat_cost = {(t.task, t.bits): t.seconds for t in trainings if t.bits is not None}
     return StudyData(study, rows[0].model, receivers, donors, bits_list, baselines, pairs,
                      {k: nanmean(v) for k, v in cost.items()}, qat_cost, config, len(seeds),
-                     rule_outcomes(rows, config, baselines), pipeline_patched(rows), pipeline_cost(rows))
+                     rule_outcomes(rows, config, baselines), quantizer=_quantizer_info(rows))

@@ -7,7 +7,7 @@ rule's Delta (from :mod:`qvec.grid.report_rules`). PNG and SVG through matplotli
 A figure is one function here (or in any module imported before ``write_report`` runs) under
 :func:`~qvec.grid.render.register_figure`: its name, caption, section (``scope``: "study" for the summary, "bits"
 for each bit-width's section, "cost") and place (``order``, among that section's tables and figures). It saves its
-files with :func:`~qvec.grid.render._save` and returns their paths; returning none leaves it out of the page.
+files with :func:`~qvec.grid.render.save_figure` and returns their paths; returning none leaves it out of the page.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from qvec.grid.plan import lam_key
-from qvec.grid.render import _plt, _save, nanmean, register_figure, unregister_figure
+from qvec.grid.render import nanmean, pyplot, register_figure, save_figure, unregister_figure
 from qvec.grid.report_data import SEL, ZS, StudyData, study_rules_domain
 from qvec.grid.report_rules import rules_figure
+from qvec.vectors.rules import lam_key
 
 __all__ = ["bars_figure", "heatmap_figure", "lambda_figure", "ptq_loss_figure", "radar_figure", "register_figure",
            "rule_deltas_figure", "unregister_figure"]
@@ -29,7 +29,7 @@ def heatmap_figure(data: StudyData, bits: int, out_dir: Path) -> list[Path]:
     """Donor x receiver Delta at lambda = 1 beside lambda*; diverging colours centred on 0; diagonal outlined."""
     import numpy as np
 
-    plt = _plt()
+    plt = pyplot()
     donors, recvs = data.donors, data.receivers
     idx = {(p.donor, p.receiver): p for p in data.pairs if p.bits == bits}
     mats = []
@@ -67,7 +67,7 @@ def heatmap_figure(data: StudyData, bits: int, out_dir: Path) -> list[Path]:
     fig.colorbar(im, ax=axes, shrink=0.8, label="Δ over FT+PTQ (points)")
     fig.suptitle(f"{data.model}, {bits}-bit RTN: transfer Δ (dashed diagonal = own vector = QAT ceiling)",
                  fontsize=11)
-    return _save(fig, out_dir, f"heatmap_w{bits}")
+    return save_figure(fig, out_dir, f"heatmap_w{bits}")
 
 
 _COLOURS = {"FT": "#4c72b0", "FT+PTQ": "#dd8452", "QAT+PTQ": "#55a868", "patched λ=1": "#c44e52",
@@ -84,7 +84,7 @@ def bars_figure(data: StudyData, out_dir: Path) -> list[Path]:
     """Per-task bars of FT / FT+PTQ / QAT+PTQ, one panel per bit-width."""
     import numpy as np
 
-    plt = _plt()
+    plt = pyplot()
     recvs = data.receivers
     fig, axes = plt.subplots(len(data.bits), 1, figsize=(max(6.0, 0.9 * len(recvs) + 2), 2.8 * len(data.bits)),
                              squeeze=False, constrained_layout=True)
@@ -102,7 +102,7 @@ def bars_figure(data: StudyData, out_dir: Path) -> list[Path]:
         ax.grid(axis="y", alpha=0.3)
     axes[0, 0].legend(ncol=3, fontsize=8, loc="upper right", bbox_to_anchor=(1.0, 1.28))
     fig.suptitle(f"{data.model}: FT vs FT+PTQ vs QAT+PTQ per task", fontsize=11)
-    return _save(fig, out_dir, "bars")
+    return save_figure(fig, out_dir, "bars")
 
 
 @register_figure("radar", title="Radar per bit-width", order=50)
@@ -114,7 +114,7 @@ def radar_figure(data: StudyData, out_dir: Path) -> list[Path]:
     """
     import numpy as np
 
-    plt = _plt()
+    plt = pyplot()
     recvs = data.receivers
     if len(recvs) < 3:
         return []
@@ -154,7 +154,7 @@ def radar_figure(data: StudyData, out_dir: Path) -> list[Path]:
     fig.suptitle(f"{data.model}: test top-1 (%) per receiver; patched = mean over donors (self excluded)",
                  fontsize=10)
     fig.tight_layout(rect=(0, 0.05, 1, 0.95))
-    return _save(fig, out_dir, "radar")
+    return save_figure(fig, out_dir, "radar")
 
 
 @register_figure("ptq_loss", title="Accuracy lost to RTN per task and bit-width", order=30)
@@ -162,7 +162,7 @@ def ptq_loss_figure(data: StudyData, out_dir: Path) -> list[Path]:
     """FT − FT+PTQ per task, grouped by bit-width: where RTN starts to hurt."""
     import numpy as np
 
-    plt = _plt()
+    plt = pyplot()
     recvs = data.receivers
     bits = sorted(data.bits)
     fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(recvs) + 2), 3.2), constrained_layout=True)
@@ -179,13 +179,13 @@ def ptq_loss_figure(data: StudyData, out_dir: Path) -> list[Path]:
     ax.set_title(f"{data.model}: accuracy lost to RTN per task", fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
-    return _save(fig, out_dir, "ptq_loss")
+    return save_figure(fig, out_dir, "ptq_loss")
 
 
 @register_figure("lambda_star", title="Distribution of λ*", order=60)
 def lambda_figure(data: StudyData, out_dir: Path) -> list[Path]:
     """How often each lambda of the grid is selected as lambda* (transfer pairs), per bit-width."""
-    plt = _plt()
+    plt = pyplot()
     grid = sorted(float(v) for v in data.config.get("lambdas", []))
     if not grid or all(math.isnan(p.lam_star) for p in data.pairs):
         return []
@@ -201,7 +201,7 @@ def lambda_figure(data: StudyData, out_dir: Path) -> list[Path]:
     ax.set_ylabel("transfer pairs")
     ax.set_title(f"{data.model}: which λ the validation split picks", fontsize=10)
     ax.legend(fontsize=8)
-    return _save(fig, out_dir, "lambda_star")
+    return save_figure(fig, out_dir, "lambda_star")
 
 
 @register_figure("rules", title="Transfer Δ per λ rule", order=70)

@@ -1,111 +1,179 @@
-"""The deployment question of a report: which PTQ pipeline to use, side by side per receiver at each bit-width.
+"""The deployment question of a report: which pipeline to run for the data and the bits a user has.
 
-RTN of FT, RTN of FT + lam tau at lambda = 1, lambda* and a label-free rule's choice, the same for every other
-quantizer the study ran (``quantizers = ["rtn", "gptq", ...]``: rows ``<quantizer>:<kind>``), and the ceiling
-QAT + RTN (with each quantizer of QAT beside it). The lambda a rule chose on RTN's scores is the one the other
-quantizers are measured at. Column labels come from the quantizer configs (``QuantizerConfig.label``).
+Every view of a study (a pipeline, alone or with its matched vector at one coverage; :mod:`qvec.grid.report_data`)
+becomes rows of one table per bit-width: mean test top-1 over receivers, its distance to the FT float model, the
+storage cost in bits per weight, and the receiver-side data the row needed: none, generic images (a calibration
+or probe set that is not the receiver's), the receiver's unlabeled inputs, or its labels (lambda*, QAT). The
+``answer`` table keeps, per data budget, the best row that needs no more than it; the figure plots accuracy
+against bits per weight, coloured by the same data classes.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
+import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
-from qvec.core.errors import QvecError
-from qvec.grid.render import Table, nanmean
-from qvec.grid.report_rules import RuleOutcome
-from qvec.quant import get_quantizer
-from qvec.vectors.rules import MEAN_DONOR, LambdaRule, lam_key
+from qvec.grid.render import Table, nanmean, pyplot, register_figure, register_table, save_figure
+from qvec.grid.report_data import NAN, StudyData, study_rules_domain
+from qvec.vectors.rules import MEAN_DONOR
+from qvec.vectors.signals import USES_GENERIC, USES_INPUTS, USES_LABELS, USES_NOTHING
 
-NAN = float("nan")
-
-
-def pipeline_of(kind: str) -> tuple[str, str] | None:
-    """``gptq:patched`` -> (``gptq``, ``patched``); None for RTN's own kinds."""
-    name, sep, rest = kind.partition(":")
-    return (name, rest) if sep else None
+#: the data classes, from least to most receiver-side data
+DATA_ORDER = (USES_NOTHING, USES_GENERIC, USES_INPUTS, USES_LABELS)
+COLOURS = {USES_NOTHING: "#1b9e77", USES_GENERIC: "#7570b3", USES_INPUTS: "#d95f02", USES_LABELS: "#e7298a"}
 
 
-def pipeline_label(name: str) -> str:
-    """How a report names a quantizer: its config's ``label`` (``GPTQ``), or the name when not registered here."""
-    try:
-        return get_quantizer(name).label
-    except QvecError:
-        return name.upper()
+@dataclass(frozen=True)
+class PipelineRow:
+    """One way to deploy at one bit-width, averaged over receivers (patched rows: over single donors first)."""
+
+    pipeline: str
+    vector: str
+    uses: str
+    bits: int
+    bits_per_weight: float
+    acc: float
+    float_acc: float
+    worst: float
+
+    @property
+    def gap(self) -> float:
+        return self.acc - self.float_acc
 
 
-def pipeline_patched(rows: Sequence) -> dict[str, dict[tuple, dict[str, float]]]:
-    """quantizer -> (bits, donor, receiver) -> {lambda: test accuracy of it on FT + lam tau, in points}, averaged
-    over seeds."""
-    acc: dict[str, dict[tuple, dict[str, list[float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
-    for r in rows:
-        pk = pipeline_of(r.kind)
-        if pk is not None and pk[1] == "patched":
-            acc[pk[0]][(r.bits, r.donor, r.receiver)][lam_key(r.lam)].append(100.0 * r.value)
-    return {q: {k: {lam: sum(v) / len(v) for lam, v in by.items()} for k, by in per.items()}
-            for q, per in acc.items()}
+def calibration_uses(quant_label: str) -> str:
+    """The data a quantizer reads, from its label (``gptq-w3-... calib=receiver:128``)."""
+    if " calib=" not in quant_label:
+        return USES_NOTHING
+    source = quant_label.split(" calib=", 1)[1].rsplit(":", 1)[0]
+    return {"receiver": USES_INPUTS, "noise": USES_NOTHING}.get(source, USES_GENERIC)
 
 
-def pipeline_cost(rows: Sequence) -> dict[str, tuple[float, int]]:
-    """quantizer -> (mean seconds of one pass, calibration images used; 0 for one that needs no data)."""
-    secs: dict[str, list[float]] = defaultdict(list)
-    imgs: dict[str, str] = {}
-    for r in rows:
-        pk = pipeline_of(r.kind)
-        if pk is not None:
-            secs[pk[0]].append(r.ptq_seconds)
-            imgs[pk[0]] = r.quant.rsplit(":", 1)[-1] if " calib=" in r.quant else "0"
-    return {q: (sum(v) / len(v), int(imgs[q]) if imgs[q].isdigit() else 0) for q, v in secs.items()}
+def _more(a: str, b: str) -> str:
+    return max(a, b, key=DATA_ORDER.index)
 
 
+def _row(view: StudyData, vector: str, uses: str, bits: int, per_receiver: Mapping[str, float]) -> PipelineRow:
+    floats = {r: view.base("ft", r) for r in view.receivers}
+    gaps = [a - floats[r] for r, a in per_receiver.items() if not math.isnan(a)]
+    return PipelineRow(view.view[0], vector, uses, bits, view.quantizer.get(bits, (NAN, "", 0.0))[0],
+                       nanmean(per_receiver.values()), nanmean(floats.values()), min(gaps) if gaps else NAN)
 
-def pipelines_table(baselines: Mapping[tuple, float], outcomes: Sequence[RuleOutcome],
-                    pipelines: Mapping[str, Mapping[tuple, dict]], receivers: Sequence[str], bits: int,
-                    rule: LambdaRule | None, costs: Mapping[str, tuple[float, int]]) -> Table | None:
-    """Per receiver: test top-1 of each pipeline (patched ones: mean over single donors, self-pairs out)."""
-    names = [q for q, per in pipelines.items() if any(k[0] == bits for k in per)]
-    if not names:
-        return None
-    rname = rule.name if rule is not None else None
-    label = rname or "–"
 
-    def patched(q: str | None, recv: str, rule_name: str | None) -> float:
-        """Mean over single donors of quantizer ``q`` (None: RTN) on FT + lam tau at the rule's lambda."""
-        vals = []
-        for o in outcomes:
-            if o.bits != bits or o.receiver != recv or o.rule != rule_name or o.donor in (recv, MEAN_DONOR):
-                continue
-            if q is None:
-                vals.append(o.acc)
-            elif o.lam == 0.0:
-                vals.append(baselines.get((f"{q}:ft_ptq", recv, bits), NAN))
-            else:
-                vals.append(pipelines[q].get((bits, o.donor, recv), {}).get(lam_key(o.lam), NAN))
-        return nanmean(vals)
+def _donor_mean(values: Sequence[tuple[str, str, float]], receiver: str) -> float:
+    return nanmean(a for d, r, a in values if r == receiver and d not in (receiver, MEAN_DONOR))
 
-    def block(q: str | None, recv: str) -> list[float]:
-        ft = baselines.get((f"{q}:ft_ptq" if q else "ft_ptq", recv, bits), NAN)
-        return [ft, patched(q, recv, "one"), patched(q, recv, "val"), patched(q, recv, rname) if rname else NAN]
 
+def view_rows(view: StudyData, bits: int, alone: bool = True) -> list[PipelineRow]:
+    """The rows of one view at ``bits``: alone (and its QAT ceiling) when ``alone``, then with its vector at
+    lambda = 1, at lambda* and at the study's first label-free rule."""
+    if bits not in view.bits:
+        return []
+    base = calibration_uses(view.quantizer[bits][1])
     rows = []
-    for r in receivers:
-        row: list = [r, *block(None, r)]
-        for q in names:
-            row += block(q, r)
-        row.append(baselines.get(("qat_ptq", r, bits), NAN))
-        row += [baselines.get((f"{q}:qat_ptq", r, bits), NAN) for q in names]
-        rows.append([*row, baselines.get(("ft", r, None), NAN)])
-    rows.append(["mean", *[nanmean(row[i] for row in rows) for i in range(1, len(rows[0]))]])
-    header = ["Receiver"]
-    for lab in ["RTN", *(pipeline_label(q) for q in names)]:
-        header += [f"{lab}(FT)", f"{lab} λ=1", f"{lab} λ*", f"{lab} {label}"]
-    header += ["QAT+RTN", *(f"{pipeline_label(q)}(QAT)" for q in names), "FT (float)"]
-    cost = "; ".join(f"{pipeline_label(q)} " + (f"is calibrated on {costs[q][1]} unlabeled images, "
-                                                  if costs.get(q, (0, 0))[1] else "needs no data, ")
-                     + f"{costs.get(q, (NAN, 0))[0]:.1f} s per model in the grid workers" for q in names)
-    return Table(
-        f"pipelines_w{bits}", f"Which pipeline at {bits}-bit: test top-1 (%) per receiver", header, rows,
-        f"Patched columns: PTQ(θ_FT^R + λ·τ_D), mean over the single donors; λ* uses the receiver's labelled "
-        f"validation split; `{label}` is a label-free rule (λ chosen on RTN's scores, the same λ for every "
-        f"quantizer; λ = 0 means no patch). {cost}; RTN needs no data (milliseconds). QAT+RTN is the ceiling: the "
-        "receiver's own QAT run.")
+    if alone:
+        rows.append(_row(view, "–", base, bits, {r: view.base("ft_ptq", r, bits) for r in view.receivers}))
+    pairs = [(p.donor, p.receiver, p) for p in view.pairs_at(bits)]
+    if pairs:
+        cov = view.view[1]
+        for label, attr, uses in ((f"λ=1 ({cov})", "acc_one", base), (f"λ* ({cov})", "acc_star", USES_LABELS)):
+            vals = [(d, r, getattr(p, attr)) for d, r, p in pairs]
+            rows.append(_row(view, label, uses, bits, {r: _donor_mean(vals, r) for r in view.receivers}))
+        rules, _ = study_rules_domain(view)
+        free = [r for r in rules if r.zero_shot and r.metric is not None]
+        if free:
+            rule = free[0]
+            vals = [(o.donor, o.receiver, o.acc) for o in view.outcomes if o.bits == bits and o.rule == rule.name]
+            if vals:
+                rows.append(_row(view, f"{rule.name} ({cov})", _more(base, rule.uses), bits,
+                                 {r: _donor_mean(vals, r) for r in view.receivers}))
+    if alone:
+        rows.append(_row(view, "own QAT", USES_LABELS, bits, {r: view.base("qat_ptq", r, bits)
+                                                              for r in view.receivers}))
+    return [r for r in rows if not math.isnan(r.acc)]
+
+
+def pipeline_rows(data: StudyData, bits: int) -> list[PipelineRow]:
+    """Every view's rows at ``bits`` (a pipeline's alone rows once, with its first coverage)."""
+    out, seen = [], set()
+    for v in data.views:
+        view = data.siblings.get(v, data)
+        out += view_rows(view, bits, alone=v[0] not in seen)
+        seen.add(v[0])
+    return out
+
+
+def _table_rows(rows: Sequence[PipelineRow]) -> list[list]:
+    return [[r.pipeline, r.vector, r.uses, r.bits_per_weight, r.acc, r.gap, r.worst] for r in rows]
+
+
+_COLS = ["Pipeline", "Vector", "Receiver data", "Bits/weight", "Top-1", "Δ to float", "Worst receiver Δ"]
+_FORMATS = [None, None, None, ".2f", ".1f", "+.1f", "+.1f"]
+
+
+@register_table("which_pipeline", scope="study", order=15)
+def which_pipeline_tables(data: StudyData) -> list[Table]:
+    """Per bit-width: every pipeline, alone and with its vector, sorted by the data it needs; then the answer."""
+    if len({v[0] for v in data.views}) < 2:
+        return []
+    out = []
+    for bits in sorted(data.bits, reverse=True):
+        rows = sorted(pipeline_rows(data, bits), key=lambda r: (DATA_ORDER.index(r.uses), -r.acc))
+        if not rows:
+            continue
+        out.append(Table(
+            f"pipelines_w{bits}", f"Every pipeline at {bits}-bit: mean test top-1 (%) over receivers", _COLS,
+            _table_rows(rows),
+            "Vector rows add the donor's matched vector (mean over single donors, self-pairs out) at λ = 1, at λ* "
+            "(chosen on the receiver's labelled validation split) or at the study's first label-free rule; the "
+            "coverage is in brackets. Receiver data: what the row needs from the receiver (generic images are "
+            "not the receiver's). Bits/weight counts codes, scales and zero points over the quantized weights.",
+            formats=_FORMATS))
+        out.append(answer_table(rows, bits))
+    return out
+
+
+def answer_table(rows: Sequence[PipelineRow], bits: int) -> Table:
+    """Per data budget, the best row that needs no more receiver data than it."""
+    best = []
+    for i, uses in enumerate(DATA_ORDER):
+        allowed = [r for r in rows if DATA_ORDER.index(r.uses) <= i]
+        if allowed:
+            r = max(allowed, key=lambda r: r.acc)
+            best.append([uses, r.pipeline, r.vector, r.bits_per_weight, r.acc, r.gap, r.worst])
+    return Table(f"answer_w{bits}", f"What to run at {bits}-bit, by the receiver data you have",
+                 ["You have", "Pipeline", "Vector", "Bits/weight", "Top-1", "Δ to float", "Worst receiver Δ"], best,
+                 "Each line: the most accurate row of the table above that needs no more receiver data.",
+                 formats=_FORMATS)
+
+
+@register_figure("pipelines_bpw", title="Top-1 against bits per weight, by the receiver data each pipeline needs",
+                 order=15)
+def pipelines_figure(data: StudyData, out_dir: Path) -> list[Path]:
+    """Mean test top-1 against bits per weight: one point per row of the pipeline tables."""
+    if len({v[0] for v in data.views}) < 2:
+        return []
+    rows = [r for b in data.bits for r in pipeline_rows(data, b) if not math.isnan(r.bits_per_weight)]
+    if not rows:
+        return []
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for uses in DATA_ORDER:
+        mine = [r for r in rows if r.uses == uses]
+        for alone, marker in ((True, "o"), (False, "^")):
+            pts = [r for r in mine if (r.vector in ("–", "own QAT")) == alone]
+            if pts:
+                ax.scatter([r.bits_per_weight for r in pts], [r.acc for r in pts], c=COLOURS[uses], marker=marker,
+                           s=36, alpha=0.85, label=f"{uses}{'' if alone else ', with vector'}")
+    for r in rows:
+        if r.vector == "–":
+            ax.annotate(r.pipeline, (r.bits_per_weight, r.acc), fontsize=7, xytext=(3, 2), textcoords="offset points")
+    ax.axhline(rows[0].float_acc, color="grey", lw=1, ls="--", label="FT float")
+    ax.set_xlabel("bits per weight (codes + scales + zero points)")
+    ax.set_ylabel("mean test top-1 (%)")
+    ax.legend(fontsize=7, loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return save_figure(fig, out_dir, "pipelines_bpw")

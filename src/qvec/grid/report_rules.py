@@ -1,7 +1,7 @@
 """The lambda-rule part of a report: what every rule of the study chose per pair, and what that gave on test.
 
 Each rule's choice is re-derived from the stored validation rows and label-free scores with the same function the
-workers used (:func:`qvec.grid.plan.pair_choices`), then looked up on test (lambda = 0 is the FT+PTQ baseline).
+workers used (:func:`qvec.vectors.rules.choices`), then looked up on test (lambda = 0 is the FT+PTQ baseline).
 Receivers in the probe's own domain (``rules.probe_domain``) are shown apart: for them the "generic" probe images
 are in-domain. The donor-choice table lets the same label-free score pick the donor per receiver, among the
 single donors and, when the study has it, the mean of the other donors' vectors.
@@ -16,9 +16,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from qvec.grid.plan import pair_choices
-from qvec.grid.render import Table, _plt, _save, nanmean
+from qvec.grid.render import Table, nanmean, pyplot, save_figure
 from qvec.vectors.rules import MEAN_DONOR, LambdaRule, get_rule, lam_key
+from qvec.vectors.rules import choices as pair_choices
 
 NAN = float("nan")
 #: Receivers whose QAT ceiling is within this many points of FT+PTQ have nothing to recover; their recovery
@@ -225,7 +225,7 @@ def rules_figure(outs: Sequence[RuleOutcome], rules: Sequence[LambdaRule], bits_
     names = [r.name for r in rules if any(o.rule == r.name for o in single)]
     if not names:
         return []
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(len(bits_list), 1, figsize=(max(6.0, 0.85 * len(names) + 2), 3.0 * len(bits_list)),
                              squeeze=False, constrained_layout=True)
     for ax, b in zip(axes[:, 0], bits_list, strict=True):
@@ -247,4 +247,4 @@ def rules_figure(outs: Sequence[RuleOutcome], rules: Sequence[LambdaRule], bits_
         ax.set_title(f"{b}-bit: Δ per rule (bar = mean{' without ' + ', '.join(domain) if domain else ''}; "
                      f"hollow = probe-domain receiver)", fontsize=9, loc="left")
         ax.grid(axis="y", alpha=0.3)
-    return _save(fig, out_dir, "rules")
+    return save_figure(fig, out_dir, "rules")

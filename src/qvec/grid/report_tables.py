@@ -15,7 +15,6 @@ from collections.abc import Sequence
 
 from qvec.grid.render import Table, nanmean, register_table
 from qvec.grid.report_data import NAN, SEL, StudyData, pooled_recovery, study_rules_domain
-from qvec.grid.report_pipelines import pipelines_table
 from qvec.grid.report_rules import MIN_GAP_POINTS, donor_table, rules_tables
 
 
@@ -177,12 +176,3 @@ def _donors(data: StudyData, bits: int) -> Table | None:
     """The label-free donor choice per receiver (qvec.grid.report_rules), with the rules table."""
     rules, domain = study_rules_domain(data)
     return donor_table(data.outcomes, rules, bits, domain) if len(rules) > 2 else None
-
-
-@register_table("pipelines", scope="bits", order=80)
-def _pipelines(data: StudyData, bits: int) -> Table | None:
-    """RTN against every other quantizer the study ran (qvec.grid.report_pipelines), at a label-free rule's lambda."""
-    rules, _ = study_rules_domain(data)
-    free = [r for r in rules if r.zero_shot and r.metric is not None]
-    return pipelines_table(data.baselines, data.outcomes, data.pipelines, data.receivers, bits,
-                           free[0] if free else None, data.pipeline_cost)

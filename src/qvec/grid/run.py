@@ -31,13 +31,12 @@ from qvec.core.schema import (
 )
 from qvec.grid.config import GridConfig
 from qvec.grid.executors import Executor, make_executor
-from qvec.grid.jobs import JobOutput
-from qvec.grid.plan import Job, Plan, build_plan, candidate_keys, job_result_keys, missing_keys
+from qvec.grid.jobs import JobOutput, candidate_keys, is_artifact, job_result_keys, missing_keys
+from qvec.grid.plan import Job, Plan, build_plan
 from qvec.grid.store import JobRecord, ResultStore, Training
 from qvec.models import ModelSpec
+from qvec.quant import QuantSpec
 from qvec.train.recipe import Recipe
-
-ARTIFACT_KINDS = ("pretrain", "finetune", "vector")
 
 
 @dataclass
@@ -65,7 +64,7 @@ def job_status(plan: Plan, store: ResultStore) -> dict[str, str]:
     lookup = _lookup(store)
     status = {}
     for job in plan.jobs:
-        if job.kind in ARTIFACT_KINDS:
+        if is_artifact(job):
             done = Path(job.params["out"]).is_file()
         else:
             done = missing_keys(job, lookup) == []
@@ -94,14 +93,14 @@ def run_grid(
         status = job_status(plan, store)
         pending: list[Job] = [j for j in plan.jobs if status[j.id] == "pending"]
         for job in plan.jobs:  # rows measured earlier (or by another study) become part of this study
-            if status[job.id] == "done" and job.kind not in ARTIFACT_KINDS:
+            if status[job.id] == "done" and not is_artifact(job):
                 store.link_results(config.name, job_result_keys(job, lookup) or [])
         summary.skipped = len(plan.jobs) - len(pending)
         say(f"study {config.name}: {len(plan.jobs)} jobs planned, {summary.skipped} already done, "
             f"{len(pending)} to run on {executor.name}")
 
         def dispatch(job: Job) -> Job:
-            if job.kind in ARTIFACT_KINDS:
+            if is_artifact(job):
                 return job
             return replace(job, params={**job.params, "known": lookup(candidate_keys(job))})
 
@@ -109,7 +108,7 @@ def run_grid(
         executor.run(pending, dispatch, on_done)
     finally:
         plan.artifacts.link_by_name({j.id: Path(j.params["out"]) for j in plan.jobs
-                                     if j.kind in ARTIFACT_KINDS and j.params.get("out")}, config.name)
+                                     if is_artifact(j) and j.params.get("out")}, config.name)
         _record_trainings(plan, store)
         summary.seconds = time.perf_counter() - t0
         store.close()
@@ -141,7 +140,7 @@ class _Recorder:
                         task=p.get("receiver") or p.get("task", ""), bits=p.get("bits"), seconds=out.seconds,
                         results=len(out.results), worker=out.worker)
         summary.new_rows += self.store.add_job(rec, out.results, self.study)
-        if job.kind not in ARTIFACT_KINDS:
+        if not is_artifact(job):
             self.store.link_results(self.study, job_result_keys(job, self.lookup) or [])
         summary.executed += 1
         summary.eval_seconds += out.eval_seconds
@@ -171,9 +170,10 @@ def _record_trainings(plan: Plan, store: ResultStore) -> None:
         out = Path(job.params["out"])
         secs = _train_seconds(out) if out.is_file() else None
         if secs is not None:
-            rows.append(Training(plan.config.name, job.key, "qat" if job.params.get("qat") else job.kind,
-                                 job.params.get("task", ""), job.params.get("bits"), int(job.params.get("seed") or 0),
-                                 secs))
+            qat = job.params.get("qat")
+            rows.append(Training(plan.config.name, job.key, "qat" if qat else job.kind, job.params.get("task", ""),
+                                 job.params.get("bits"), int(job.params.get("seed") or 0), secs,
+                                 str(QuantSpec.from_dict(qat)) if qat else ""))
     if rows:
         store.add_trainings(rows)
 

@@ -35,7 +35,7 @@ from qvec.core.errors import QvecError
 
 #: The database schema this code writes, kept in ``PRAGMA user_version``. An older database is migrated on open,
 #: step by step (:data:`MIGRATIONS`); a newer one is refused.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 #: What the ``meta`` table's ``schema`` row holds: the oldest schema whose code may write this database. qvec from
 #: before ``user_version`` accepted only ``schema = 1``; migration 1 -> 2 only adds, so that stays 1 and such a qvec
@@ -82,6 +82,12 @@ class Result:
     inputs: str = "{}"
     version: str = __version__
     created: float = field(default_factory=time.time)
+    #: the study pipeline (deploy quantizer) the row measures ("" for float rows and rows from before pipelines)
+    pipeline: str = ""
+    #: the vector's coverage, all or quantized ("" for rows without a vector and rows from before coverages)
+    coverage: str = ""
+    #: stored bits per quantized weight of the quantizer (codes, scales, zero points); None in float
+    bits_per_weight: float | None = None
 
 
 COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(Result))
@@ -123,6 +129,8 @@ class Training:
     bits: int | None
     seed: int
     seconds: float
+    #: the grid a QAT run trained on (``w3-asym-group64``); "" for FT and pretraining
+    grid: str = ""
 
 
 _TRAINING_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(Training))
@@ -180,7 +188,13 @@ def _v1_to_v2(conn: sqlite3.Connection) -> None:
 
 #: ``MIGRATIONS[n]`` turns a schema-``n`` database into a schema ``n + 1`` one (run inside the open transaction,
 #: which then sets ``user_version`` to ``n + 1``).
-MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _v1_to_v2}
+def _v2_to_v3(conn: sqlite3.Connection) -> None:
+    """Schema 3 records each row's pipeline, vector coverage and bits per weight, and each QAT run's grid: the
+    columns are added with their defaults ("" and NULL), which read as the single RTN pipeline of before."""
+    add_missing_columns(conn)
+
+
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _v1_to_v2, 2: _v2_to_v3}
 
 
 def _stored_version(conn: sqlite3.Connection, path: Path) -> int:

@@ -117,15 +117,19 @@ SHIPPED_STUDIES: dict[str, str] = {
 
 
 def shipped_config(study: str) -> Path:
-    """The config file of a shipped study (``configs/<file>`` of the source checkout qvec runs from)."""
+    """The config file of a shipped study: ``configs/<file>`` under ``$QVEC_CONFIGS``, the working directory, or
+    the source checkout qvec runs from (an installed wheel has no checkout: the error says where to look)."""
     if study not in SHIPPED_STUDIES:
         raise QvecError(f"unknown study {study!r}; shipped: {', '.join(SHIPPED_STUDIES)}")
-    return Path(__file__).resolve().parents[3] / "configs" / SHIPPED_STUDIES[study]
-
-
-def default_mini_config() -> Path:
-    """``configs/mini.toml`` of the source checkout qvec runs from."""
-    return shipped_config("mini")
+    name = SHIPPED_STUDIES[study]
+    here = Path(__file__).resolve()
+    places = [Path(os.environ["QVEC_CONFIGS"])] if os.environ.get("QVEC_CONFIGS") else []
+    places += [Path.cwd() / "configs", *(p / "configs" for p in here.parents if (p / "pyproject.toml").is_file())]
+    for place in places:
+        if (place / name).is_file():
+            return place / name
+    raise QvecError(f"{name}: shipped study config not found in {', '.join(map(str, places))}; run from the "
+                    "qvec checkout, set QVEC_CONFIGS to its configs/ folder, or pass --config FILE")
 
 
 def reproduce_study(

@@ -1,4 +1,6 @@
-"""Model families: a registry from a family name to an adapter (build, backbone/head split, targets)."""
+"""Layer 2, model families: a registry from a family name to an adapter (build, backbone/head split, targets).
+
+May import: :mod:`qvec.core`, :mod:`qvec.data` (class names and data configs of tasks)."""
 
 from __future__ import annotations
 

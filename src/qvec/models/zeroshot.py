@@ -283,10 +283,6 @@ class ZeroShotClassifier(nn.Module):
     def attach_text_tower(self, tower: TextTower | None) -> None:
         object.__setattr__(self, "_text_tower", tower)
 
-    def release_text_tower(self) -> None:
-        """Drop the text tower (frees its memory once every head this model needs is built)."""
-        object.__setattr__(self, "_text_tower", None)
-
 
 def init_zeroshot_head(
     model: nn.Module,

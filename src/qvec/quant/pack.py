@@ -22,13 +22,13 @@ import torch
 
 from qvec.core.checkpoint import Checkpoint, read_safetensors, save_safetensors
 from qvec.core.errors import QvecError
-from qvec.core.schema import FORMAT_PACKED, META_FORMAT, META_MODEL, META_PACKED, check_header
+from qvec.core.schema import FORMAT_PACKED, META_FORMAT, META_MODEL, META_PACKED, PACKED_SUFFIXES, check_header
 from qvec.quant.base import QuantizerConfig
 from qvec.quant.grid import NonFiniteWeightError, QuantSpec, dequantize_codes, grouped_view, quantize_codes
 from qvec.quant.ptq import QuantizedCheckpoint, quantize_checkpoint
 from qvec.quant.targets import ALL_TARGETS, TargetFilter
 
-CODES, SCALE, ZERO = ".__qcodes", ".__qscale", ".__qzero"
+CODES, SCALE, ZERO = PACKED_SUFFIXES
 SCALE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 

@@ -2,18 +2,15 @@
 share.
 
 A rule reads one *metric* measured at every candidate lambda (or none, for a fixed lambda) and picks a candidate.
-Metrics are named ``signal.measure``: the signal is what the worker computes after PTQ(theta_FT^R + lam * tau)
-(``val``: top-1 on the receiver's labelled validation split; ``probe``: the patched, quantized model against the
-receiver's full-precision FT model on generic unlabeled images; ``unlabeled``: the same on the receiver's own
-unlabeled inputs; ``noise``: the same on generated noise; ``weight``: quantized weights against FT weights, no
-images at all). The measure is ``top1`` (accuracy), ``kl`` (mean KL(FT || patched)), ``agree`` (top-1 agreement)
-or ``err`` (weight error).
+Metrics are named ``signal.measure``, a signal of :mod:`qvec.vectors.signals` measured on the candidate
+Q(theta_FT^R + lam * tau) with the deploy quantizer Q (``val.top1``, ``probe.kl``, ``unlabeled.agree``,
+``noise.kl``, ``weight.err``, or a plugin's).
 
 Label-free rules have lambda = 0 among their candidates: "do not patch" is a choice, so a harmful vector is
 refused rather than applied.
 
 A new rule is one function and one registration (in a module that ``$QVEC_PLUGINS`` names, so that the grid's
-worker processes import it too; see :mod:`qvec.plugins`)::
+worker processes import it too; see :mod:`qvec.core.plugins`)::
 
     @register_rule("my-rule")
     def _my_rule(arg: str | None) -> LambdaRule:
@@ -27,6 +24,7 @@ from dataclasses import dataclass
 
 from qvec.core.errors import QvecError
 from qvec.core.registry import Registry
+from qvec.vectors.signals import SIGNALS, USES_GENERIC, USES_INPUTS, USES_LABELS, USES_NOTHING
 
 #: SPEC section 7: the lambda grid (lambda* is chosen over it on the receiver's validation split); every rule's
 #: candidates unless told otherwise.
@@ -34,22 +32,6 @@ DEFAULT_LAMBDAS: tuple[float, ...] = (0.15, 0.30, 0.45, 0.60, 0.75, 0.90, 1.00, 
 
 #: The donor name of the mean of every other donor's vector (a receiver's own vector is never in it).
 MEAN_DONOR = "mean"
-
-USES_NOTHING = "nothing"
-USES_GENERIC = "generic images"
-USES_INPUTS = "receiver inputs"
-USES_LABELS = "receiver labels"
-
-#: Signals the workers know how to measure, and the measures each produces.
-SIGNALS: dict[str, tuple[str, ...]] = {
-    "val": ("top1",),
-    "probe": ("kl", "agree"),
-    "unlabeled": ("kl", "agree"),
-    "noise": ("kl", "agree"),
-    "weight": ("err",),
-}
-#: Signals measured on images that are compared with the FT model's outputs.
-IMAGE_SIGNALS = ("probe", "unlabeled", "noise")
 
 
 def lam_key(lam: float) -> str:
@@ -88,8 +70,9 @@ class LambdaRule:
             raise QvecError(f"lambda rule {self.name!r} needs either a metric or a fixed value")
         if self.metric is not None:
             signal, _, measure = self.metric.partition(".")
-            if measure not in SIGNALS.get(signal, ()):
-                known = ", ".join(f"{s}.{m}" for s, ms in SIGNALS.items() for m in ms)
+            if signal not in SIGNALS or measure not in SIGNALS.get(signal).measures:
+                known = ", ".join(f"{s}.{m}" for s, cls in SIGNALS.items() for m in cls.measures
+                                  if s not in ("test", "train"))
                 raise QvecError(f"lambda rule {self.name!r}: unknown metric {self.metric!r} (known: {known})")
 
     @property
@@ -222,6 +205,34 @@ def _weight(arg: str | None) -> LambdaRule:
 
 
 def signals_of(rules: Iterable[LambdaRule]) -> list[str]:
-    """The signals a set of rules needs measured, in SIGNALS order."""
-    need = {r.signal for r in rules if r.signal}
-    return [s for s in SIGNALS if s in need]
+    """The label-free signals a set of rules needs measured, in registry order (``val`` is the labelled split)."""
+    need = {r.signal for r in rules if r.signal and r.signal != "val"}
+    return [s for s in SIGNALS.names() if s in need]
+
+
+def rule_list(names: Iterable[str], select_lambda: bool = True) -> list[LambdaRule]:
+    """``one``, ``val`` (while lambda* is chosen) and the rules ``names``, each once, in that order."""
+    out: dict[str, LambdaRule] = {}
+    for n in ["one", *(["val"] if select_lambda else []), *names]:
+        r = get_rule(n)
+        out.setdefault(r.name, r)
+    return list(out.values())
+
+
+def choices(rules: Iterable[LambdaRule], val: Mapping[float, float],
+            scores: Mapping[str, Mapping[float, float]]) -> dict[str, float]:
+    """Each rule's lambda for one (donor, receiver) pair, from its validation accuracies and label-free scores by
+    metric (workers, plans and reports all call this, so they agree on what was chosen); a rule whose scores are
+    missing is left out."""
+    out = {}
+    for r in rules:
+        if r.metric is None:
+            out[r.name] = r.choose()
+        elif r.signal == "val":
+            if val:
+                out[r.name] = r.choose(val)
+        else:
+            by = scores.get(r.metric, {})
+            if by:
+                out[r.name] = r.choose(by)
+    return out

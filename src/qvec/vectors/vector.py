@@ -21,6 +21,7 @@ from qvec.core.errors import QvecError
 from qvec.core.schema import (
     FORMAT_VECTOR,
     KIND_PATCHED,
+    META_COVERAGE,
     META_DONOR,
     META_FINGERPRINT,
     META_FORMAT,
@@ -34,6 +35,12 @@ from qvec.core.schema import (
     check_header,
 )
 from qvec.models import ModelSpec, get_adapter
+from qvec.quant.ptq import target_keys
+from qvec.quant.targets import ALL_TARGETS, TargetFilter
+
+#: Which backbone tensors a vector covers: every float tensor (the paper's, SPEC section 1), or only the weights
+#: PTQ quantizes (the quantized Linear weights: biases, norms, embeddings and LayerScale are left out).
+COVERAGES = ("all", "quantized")
 
 
 def _check_roles(ft: Checkpoint, qat: Checkpoint) -> None:
@@ -127,12 +134,17 @@ class QuantVector:
 
     @classmethod
     def from_checkpoints(cls, ft: Checkpoint, qat: Checkpoint, allow_fingerprint_mismatch: bool = False,
-                         check_roles: bool = True) -> QuantVector:
+                         check_roles: bool = True, coverage: str = "all",
+                         targets: TargetFilter | bool = ALL_TARGETS) -> QuantVector:
         """The donor's vector from its FT and QAT checkpoints (both trained from the same theta_0).
 
         With ``check_roles`` (the default) the headers must agree with the roles: the FT file says ``ft`` and the
         QAT file ``qat`` (swapped files would give -tau), both are of one task (else the donor is mislabelled), and
-        they are not the same file or the same weights (a zero vector)."""
+        they are not the same file or the same weights (a zero vector). ``coverage`` is ``all`` (every float
+        backbone tensor, the paper's) or ``quantized`` (only the weights ``targets`` selects for PTQ); it is
+        recorded in the header."""
+        if coverage not in COVERAGES:
+            raise QvecError(f"coverage must be one of {', '.join(COVERAGES)}, got {coverage!r}")
         if check_roles:
             _check_roles(ft, qat)
         ft_spec, qat_spec = ft.model_spec, qat.model_spec
@@ -144,13 +156,18 @@ class QuantVector:
             META_MODEL: ft.meta[META_MODEL],
             META_DONOR: ft.meta.get(META_TASK, ""),
             META_QUANT: qat.meta.get(META_QUANT, ""),
+            META_COVERAGE: coverage,
         }
         if ft.fingerprint:
             meta[META_FINGERPRINT] = ft.fingerprint
+        keys = adapter.backbone_keys(ft.state)
+        if coverage == "quantized":
+            quantized = set(target_keys(ft_spec, targets))
+            keys = [k for k in keys if k in quantized]
         vec = cls.from_state_dicts(
             ft.state,
             qat.state,
-            adapter.backbone_keys(ft.state),
+            keys,
             meta,
             ft.name("the FT checkpoint"),
             qat.name("the QAT checkpoint"),
@@ -169,7 +186,7 @@ class QuantVector:
         check_fingerprints(self.fingerprint, other.fingerprint, "the right vector", False)
 
     def _combine_meta(self, other: QuantVector | None, op: str) -> dict[str, str]:
-        meta = {k: v for k, v in self.meta.items() if k in (META_MODEL, META_FINGERPRINT, META_QUANT)}
+        meta = {k: v for k, v in self.meta.items() if k in (META_MODEL, META_FINGERPRINT, META_QUANT, META_COVERAGE)}
         if other is not None and other.meta.get(META_QUANT, "") != self.meta.get(META_QUANT, ""):
             # e.g. a 2-bit and a 3-bit vector: legitimate arithmetic, but the result is no longer one quantizer's
             meta[META_QUANT] = json.dumps({"mixed": [self.meta.get(META_QUANT, ""), other.meta.get(META_QUANT, "")]})
@@ -217,6 +234,24 @@ class QuantVector:
         return total
 
     # ----------------------------------------------------------------------------------------- patching
+    def check_applicable(self, backbone: Mapping[str, torch.Tensor], receiver_name: str = "the receiver",
+                         lam: float = 1.0) -> None:
+        """``lam`` is finite and every tensor of the vector is a tensor of ``backbone`` with the same shape."""
+        if not math.isfinite(lam) or abs(lam) > torch.finfo(torch.float32).max:
+            raise QvecError(f"lambda must be finite and within float32 range, got {lam}")
+        for k, t in self.tensors.items():
+            if k not in backbone:
+                raise QvecError(f"vector {self.meta.get(META_DONOR, '')!r}: tensor {k!r} is not a backbone tensor of "
+                                f"{receiver_name}")
+            if tuple(t.shape) != tuple(backbone[k].shape):
+                raise QvecError(f"vector {self.meta.get(META_DONOR, '')!r}: {k!r} has shape {tuple(t.shape)} but "
+                                f"{receiver_name} has {tuple(backbone[k].shape)}")
+
+    @property
+    def coverage(self) -> str:
+        """``all`` or ``quantized`` (see :data:`COVERAGES`); vectors from before the option cover ``all``."""
+        return self.meta.get(META_COVERAGE, "all")
+
     def apply_to_state(
         self,
         receiver: Mapping[str, torch.Tensor],
@@ -263,7 +298,7 @@ class QuantVector:
         vspec = self.model_spec
         if rspec is not None and vspec is not None and (rspec.family, rspec.name) != (vspec.family, vspec.name):
             raise QvecError(f"{receiver.name('the receiver')} is {rspec}, but the vector was made for {vspec}")
-        if vspec is not None:
+        if vspec is not None and self.coverage == "all":  # a vector over every float tensor: nothing may be left
             adapter = get_adapter(vspec)
             extra = [k for k, v in receiver.state.items()
                      if k not in self.tensors and v.is_floating_point() and not adapter.is_head(k)]
