@@ -1,10 +1,10 @@
 """The data-free quantizers on a ViT's block Linear weights: time (and its ratio to RTN on the same grid), relative
 weight error and relative layer-output error, with the machine's load averages.
 
-Each quantizer runs over every Linear weight of the blocks. Times are interleaved with RTN on the same grid, pair by
-pair, ``--repeats`` times, in this one process; the median of the per-pair ratios is printed (wall clock and CPU
-time: CPU time is what a shared, loaded machine distorts least), and the CPU-time ratio to the paper's RTN. One thread by default: on a shared machine, a
-second OpenMP thread that is descheduled stalls every small operation (pass ``--threads 2`` to see it).
+Each quantizer runs over every Linear weight of the blocks. Times are interleaved with RTN on the same grid and with
+the paper's RTN, ``--repeats`` times, in this one process; the medians of the per-repeat ratios are printed (wall
+clock and CPU time: CPU time is what a shared, loaded machine distorts least). One thread by default: on a shared
+machine, a second OpenMP thread that is descheduled stalls every small operation (``--threads 2`` shows it).
 
 Errors: ``||W_hat - W||^2 / ||W||^2`` and ``||X (W_hat - W)^T||^2 / ||X W^T||^2`` summed over the layers, X each
 layer's input on ``--images`` CIFAR-10 test images (resized to the model's input); last column, the output error

@@ -7,9 +7,9 @@ tensor stops improving): quantize with the current zero; shrink the residual wit
 l_p (``beta`` the penalty); set the zero so the shrunk residual's reconstruction matches. This is the `hqq`
 package's ``optimize_weights_proximal_legacy`` (its default) on qvec's grid, scale = 1 / hqq's scale. The package
 (0.2.8) keeps beta fixed although it reads a ``kappa``; ``kappa > 1`` grows beta each round as in the paper.
-It is our own code rather than the package because it gives the package's codes ~30x faster
-(docs/quantizers.md); tests/test_quantizers.py checks it against the package where it is installed. Zero points
-are real-valued, so they are stored as fp16 beside the fp16 scales.
+It is our own code rather than the package because it gives the package's codes, tens of times faster
+(docs/quantizers.md); tests/test_quantizers.py checks it against the package where it is installed. Zero points are
+real-valued, so they are stored as fp16 beside the fp16 scales.
 
 QAT cannot train through HQQ's solver; the nearest trainable grid is the same asymmetric grid with RTN's min-max
 scale and integer zero point, and that is what a vector matched to HQQ is trained on.
@@ -100,11 +100,9 @@ def hqq_rows(g: torch.Tensor, qmax: int, iters: int = 20, lp_norm: float = 0.7, 
 
     The package's ``optimize_weights_proximal_legacy`` on ``axis=1`` rows: its initial scale (``qmax / (max -
     min)``, 1 where the range is at most 1e-4, at most 2e4), its update and its stopping rule (stop at the first
-    round whose mean absolute error over the whole tensor does not fall, keeping that round's zero points). The
-    rows are solved in cache-sized blocks, each block's trajectory (zero points and error per round) recorded, and
-    the stopping round chosen afterwards from the tensor's error per round. Within a block, a row is dropped
-    once its zero point repeats and no residual of it can reach the shrink threshold of a later round: from then
-    on its codes, zero and error are fixed. See :func:`_solve_block`.
+    round whose mean absolute error over the whole tensor does not fall, keeping that round's zero points). Every
+    round's zero points and error are recorded, and the stopping round is chosen at the end, so that rows can be
+    solved in blocks and dropped once converged (:class:`_Solver`); the result is the package's.
     """
     g = g.float()
     lo = g.amin(dim=1, keepdim=True)
