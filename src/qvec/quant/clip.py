@@ -16,10 +16,18 @@ import torch
 
 from qvec.core.errors import QvecError
 from qvec.quant.base import QuantizerConfig, register_quantizer
-from qvec.quant.grid import QuantSpec, dequantize_rows, grouped_view, round_rows, row_qparams
+from qvec.quant.grid import (
+    QuantSpec,
+    dequantize_rows,
+    grouped_view,
+    qparams_from_stats,
+    round_rows,
+    row_qparams,
+    row_stats,
+)
 
 # Rows per block: the candidates of one block are tried while the block is in cache.
-_BLOCK_ELEMS = 1 << 16
+_BLOCK_ELEMS = 1 << 19
 
 
 @register_quantizer
@@ -33,9 +41,9 @@ class ClipSearch(QuantizerConfig):
     #: smallest ratio tried (the range is at least ``min_ratio`` of the row's min-max range)
     min_ratio: float = 0.3
     #: coarse candidates, evenly spaced from 1 down to ``min_ratio``
-    steps: int = 8
+    steps: int = 5
     #: refinement rounds, each trying half the previous spacing on both sides of the best ratio
-    refine: int = 2
+    refine: int = 3
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -57,35 +65,50 @@ class ClipSearch(QuantizerConfig):
         return f"clip-{self.grid}"
 
 
-def _row_errors(g: torch.Tensor, spec: QuantSpec, ratio: torch.Tensor) -> torch.Tensor:
-    """Squared reconstruction error of each row of ``g`` under RTN with its range shrunk by ``ratio``."""
-    scale, zero = row_qparams(g, spec, ratio, check=False)
-    err = dequantize_rows(round_rows(g, scale, zero, spec), scale, zero).sub_(g)
-    return err.square_().sum(dim=1, keepdim=True)
+def _scaled_errors(g: torch.Tensor, spec: QuantSpec, inv: torch.Tensor, zero: torch.Tensor | None,
+                   v: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Root squared error of each row of ``g`` under RTN with inverse scales ``inv``, in code units (times the
+    scale it is the error in weight units); ``v`` and ``q`` are scratch of ``g``'s shape. An integer zero point
+    commutes with rounding, so the codes are ``clamp(round(g * inv + zero))``: five passes over the rows."""
+    torch.mul(g, inv, out=v)
+    if zero is not None:
+        v.add_(zero)
+    torch.round(v, out=q).clamp_(spec.qmin, spec.qmax)
+    return torch.linalg.vector_norm(q.sub_(v), dim=1, keepdim=True)
 
 
-def search_ratios(g: torch.Tensor, spec: QuantSpec, min_ratio: float = 0.3, steps: int = 8, refine: int = 2
+def search_ratios(g: torch.Tensor, spec: QuantSpec, min_ratio: float = 0.3, steps: int = 5, refine: int = 3
                   ) -> torch.Tensor:
     """Per row of ``g`` (rows x cols), the clip ratio in ``[min_ratio, 1]`` with the least squared error: the best
-    of ``steps`` evenly spaced ratios, then ``refine`` rounds of half-spacing steps around it; shape (rows, 1)."""
-    row_qparams(g, spec)  # refuses NaN/Inf rows before the search
+    of ``steps`` evenly spaced ratios, then ``refine`` rounds of half-spacing steps around it; shape (rows, 1).
+
+    Rows are searched in cache-sized blocks; each candidate costs a handful of elementwise passes over the block
+    (:func:`_scaled_errors`), and the min-max statistics are read once per row (:func:`row_stats`)."""
+    g = g.float()
+    stats = row_stats(g, spec)  # refuses NaN/Inf rows before the search
     coarse = torch.linspace(1.0, min_ratio, steps).tolist() if steps > 1 else [1.0]
     spacing = (1.0 - min_ratio) / max(1, steps - 1)
     rows_per_block = max(1, _BLOCK_ELEMS // max(1, g.shape[1]))
     out = torch.empty(g.shape[0], 1)
+    v_buf = torch.empty(min(g.numel(), rows_per_block * g.shape[1]))
+    q_buf = torch.empty_like(v_buf)
     for start in range(0, g.shape[0], rows_per_block):
-        block = g[start : start + rows_per_block]
+        b = slice(start, start + rows_per_block)
+        block = g[b]
+        block_stats = tuple(x[b] if x is not None else None for x in stats)
+        v, q = v_buf[: block.numel()].view(block.shape), q_buf[: block.numel()].view(block.shape)
         best_r = torch.ones(block.shape[0], 1)
         best_e = torch.full((block.shape[0], 1), float("inf"))
-        tries = [torch.full_like(best_r, r) for r in coarse]
+        tries: list = coarse
         step = spacing
         for _ in range(refine + 1):
             for r in tries:
-                e = _row_errors(block, spec, r)
+                scale, zero = qparams_from_stats(block_stats, spec, r)
+                e = _scaled_errors(block, spec, 1.0 / scale, zero, v, q).mul_(scale.abs())
                 better = e < best_e
                 best_e = torch.where(better, e, best_e)
                 best_r = torch.where(better, r, best_r)
             step /= 2
             tries = [(best_r + d).clamp_(min_ratio, 1.0) for d in (-step, step)]
-        out[start : start + rows_per_block] = best_r
+        out[b] = best_r
     return out

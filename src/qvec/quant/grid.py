@@ -136,35 +136,53 @@ def require_finite(row_stat: torch.Tensor) -> None:
         raise NonFiniteWeightError(f"weight contains {bad}; refusing to quantize it")
 
 
-def row_qparams(g: torch.Tensor, spec: QuantSpec, ratio: torch.Tensor | float | None = None,
-                check: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Min-max scales (and zero points when asymmetric) of rows ``g``, shape (rows, 1), with the range shrunk by
-    ``ratio`` (a clip: one factor, or one per row); ``check`` refuses NaN/Inf rows."""
+def row_stats(g: torch.Tensor, spec: QuantSpec, check: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What a min-max scale is made of, per row of ``g`` (rows, 1): the signed extreme (full range), ``max|w|``
+    (symmetric) or ``(min(w, 0), max(w, 0))`` (asymmetric); ``check`` refuses NaN/Inf rows. Split from
+    :func:`qparams_from_stats` so that a search over clip ratios reads the rows once."""
     if spec.symmetric:
         if spec.full_range:  # the signed extreme of each row lands exactly on qmin
             ext = g.gather(1, g.abs().argmax(dim=1, keepdim=True)).float()
             if check:
                 require_finite(ext)
-            if ratio is not None:
-                ext = ext * ratio
-            ext = torch.where(ext.abs() < EPS, torch.full_like(ext, EPS), ext)
-            return ext / spec.qmin, None
+            return ext, None
         amax = g.abs().amax(dim=1, keepdim=True).float()
         if check:
             require_finite(amax)
-        if ratio is not None:
-            amax = amax * ratio
-        return amax.clamp_min(EPS) / spec.qmax, None
+        return amax, None
     lo = g.amin(dim=1, keepdim=True).float().clamp(max=0.0)
     hi = g.amax(dim=1, keepdim=True).float().clamp(min=0.0)
     if check:
         require_finite(hi)
         require_finite(lo)
+    return lo, hi
+
+
+def qparams_from_stats(stats: tuple[torch.Tensor, torch.Tensor | None], spec: QuantSpec,
+                       ratio: torch.Tensor | float | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Min-max scales (and zero points when asymmetric) from :func:`row_stats`, the range shrunk by ``ratio`` (one
+    factor, one per row, or any shape that broadcasts against the stats: (candidates, rows, 1) tries several)."""
+    a, hi = stats
+    if spec.symmetric:
+        if spec.full_range:
+            ext = a * ratio if ratio is not None else a
+            ext = torch.where(ext.abs() < EPS, torch.full_like(ext, EPS), ext)
+            return ext / spec.qmin, None
+        amax = a * ratio if ratio is not None else a
+        return amax.clamp_min(EPS) / spec.qmax, None
+    lo = a
     if ratio is not None:
         lo, hi = lo * ratio, hi * ratio
     scale = ((hi - lo) / spec.qmax).clamp_min(EPS)
     zero = torch.round(-lo / scale).clamp(0, spec.qmax)
     return scale, zero
+
+
+def row_qparams(g: torch.Tensor, spec: QuantSpec, ratio: torch.Tensor | float | None = None,
+                check: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Min-max scales (and zero points when asymmetric) of rows ``g``, shape (rows, 1), with the range shrunk by
+    ``ratio`` (a clip: one factor, or one per row); ``check`` refuses NaN/Inf rows."""
+    return qparams_from_stats(row_stats(g, spec, check), spec, ratio)
 
 
 def round_rows(g: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, spec: QuantSpec) -> torch.Tensor:
