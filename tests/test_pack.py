@@ -132,3 +132,32 @@ def test_pack_bad_inputs(tmp_path, nano_spec):
     del ckpt.state["blocks.0.mlp.fc1.weight"]
     with pytest.raises(QvecError, match="'blocks.0.mlp.fc1.weight' is not in the checkpoint"):
         pack_checkpoint(ckpt, QuantSpec(3), tmp_path / "x.safetensors")
+
+
+PRESETS = ["paper", "full", "clip", "clip-full", "g64", "g128", "clip-g64", "hqq-g64", "gptq", "gptq-g64"]
+
+
+@pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_every_quantizer_packs_exactly_and_states_its_bits_per_weight(name, bits, tmp_path):
+    """pack/unpack round-trips for every preset and bit-width: with fp32 scales the packed model is the quantizer's
+    own output; the file's quantized tensors take exactly the bits per weight the config states."""
+    from qvec.quant.presets import preset
+
+    spec = ModelSpec("qvec", "vit-mini", 10)  # 128-wide rows: groups of 64 and 128 divide them
+    ckpt = make_ckpt(spec, 0)
+    config = preset(name, bits)
+    calib = torch.rand(8, 3, 32, 32) if config.needs_calibration else None
+    q = quantize_checkpoint(ckpt, config, calibration=calib)
+    for dtype, scale_bits in (("float32", 32), ("float16", 16)):
+        out = tmp_path / f"{dtype}.safetensors"
+        report = pack_checkpoint(q, config, out, scale_dtype=dtype)
+        shapes = [tuple(ckpt.state[k].shape) for k in q.qparams]
+        assert report.bits_per_weight == pytest.approx(config.bits_per_weight(shapes, scale_bits=scale_bits))
+        packed = load_packed(out)
+        if dtype == "float32":
+            assert all(torch.equal(packed.state[k], q.state[k]) for k in q.state), name
+    tensors, _ = read_safetensors(tmp_path / "float16.safetensors")  # the file's own tensors
+    real = sum(t.numel() * t.element_size() for key, t in tensors.items()
+               if any(key == k + sfx for k in q.qparams for sfx in (CODES, SCALE, ZERO)))
+    assert real * 8 / sum(ckpt.state[k].numel() for k in q.qparams) == pytest.approx(report.bits_per_weight)

@@ -69,3 +69,26 @@ def test_head_is_not_fake_quantized():
     prepare_qat(model, QuantSpec(3), find_targets(model, get_adapter(spec).head_prefixes))
     assert not hasattr(model.head, "parametrizations")
     assert hasattr(model.blocks[0].mlp.fc1, "parametrizations")
+
+
+def test_qat_on_an_asymmetric_group_grid_is_that_grid_in_the_forward():
+    """QAT fake-quantizes with the deploy quantizer's trainable grid: asymmetric groups of 16 here, as g64 RTN and
+    HQQ vectors are trained; the converted model has FT's keys and the latent weights."""
+    torch.manual_seed(0)
+    spec = ModelSpec("qvec", "vit-nano", 10)
+    grid = QuantSpec(3, symmetric=False, granularity="group", group_size=16)
+    model = build_model(spec).eval()
+    adapter = get_adapter(spec)
+    ptq = copy.deepcopy(model)
+    latent = {k: v.clone() for k, v in model.state_dict().items()}
+    quantize_(ptq, grid, find_targets(ptq, adapter.head_prefixes))
+    prepare_qat(model, grid, find_targets(model, adapter.head_prefixes))
+    x = torch.randn(4, 3, 32, 32)
+    torch.testing.assert_close(model(x), ptq(x))
+    w = dict(model.named_parameters())["blocks.0.mlp.fc1.parametrizations.weight.original"]
+    levels = model.blocks[0].mlp.fc1.weight.detach().reshape(-1, 16)
+    assert all(len(torch.unique(row)) <= 2**3 for row in levels)  # at most 2^3 levels per group of 16
+    assert not torch.equal(w, model.blocks[0].mlp.fc1.weight)
+    convert_qat(model)
+    assert set(model.state_dict()) == set(latent)
+    assert torch.equal(model.state_dict()["blocks.0.mlp.fc1.weight"], latent["blocks.0.mlp.fc1.weight"])

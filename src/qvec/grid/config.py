@@ -246,6 +246,7 @@ class GridConfig:
             for t in d["pipelines"].values():
                 if not t["coverages"]:
                     t.pop("coverages")
+            d["pipeline_order"] = list(self.pipelines)  # stored configs are JSON with sorted keys
         return d
 
     def is_legacy(self) -> bool:

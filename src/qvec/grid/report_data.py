@@ -124,7 +124,7 @@ def study_rules_domain(data: StudyData) -> tuple[list[LambdaRule], list[str]]:
 
 def primary_pipeline(config: Mapping) -> str:
     """The study's first pipeline (the paper's tables are its view); ``rtn`` for studies before pipelines."""
-    return next(iter(config.get("pipelines") or {}), "rtn")
+    return next(iter(config.get("pipeline_order") or config.get("pipelines") or {}), "rtn")
 
 
 def row_view(r, primary: str) -> tuple[str, str, str]:
@@ -144,7 +144,8 @@ def study_views(rows: Sequence, config: Mapping) -> list[tuple[str, str]]:
     tagged = [row_view(r, primary) for r in rows]
     views = {(p, c or "all") for p, c, k in tagged if p and k == "patched"}
     views |= {(p, "all") for p, _, _ in tagged if p and not any(v[0] == p for v in views)}
-    order = list(dict.fromkeys([primary, *(config.get("pipelines") or {}), *(config.get("quantizers") or [])]))
+    order = list(dict.fromkeys([primary, *(config.get("pipeline_order") or config.get("pipelines") or {}),
+                                *(config.get("quantizers") or [])]))
     covs = ["all", "quantized"]
     return sorted(views, key=lambda v: (order.index(v[0]) if v[0] in order else len(order), v[0],
                                         covs.index(v[1]) if v[1] in covs else len(covs), v[1]))

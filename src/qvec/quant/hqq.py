@@ -74,6 +74,7 @@ class HQQ(QuantizerConfig):
         g = grouped_view(w.detach().float().contiguous(), self.grid)
         q, scale, zero = hqq_rows(g, self.grid.qmax, self.iters, self.lp_norm, self.beta, self.kappa,
                                   self.early_stop)
+        zero = zero.half().float()  # stored as fp16 (zero_dtype): the model we return is the model pack writes
         return q.sub_(zero).mul_(scale).reshape(w.shape).to(w.dtype), scale, zero
 
     def __str__(self) -> str:

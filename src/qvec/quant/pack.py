@@ -77,8 +77,10 @@ _FP16 = torch.finfo(torch.float16)
 
 
 def _scale_dtype_for(scale: torch.Tensor, wanted: torch.dtype) -> torch.dtype:
-    """``wanted``, unless fp16 was asked for and a scale would be subnormal or infinite in it (then fp32)."""
-    if wanted == torch.float16 and (scale.min() < _FP16.smallest_normal or scale.max() > _FP16.max):
+    """``wanted``, unless fp16 was asked for and a scale would be subnormal or infinite in it (then fp32). Scales
+    of a full-range grid carry the row's sign: their magnitude is what must fit."""
+    mag = scale.abs()
+    if wanted == torch.float16 and (mag.min() < _FP16.smallest_normal or mag.max() > _FP16.max):
         return torch.float32
     return wanted
 
