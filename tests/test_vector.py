@@ -190,3 +190,38 @@ def test_fingerprint_is_stable_and_content_sensitive():
     assert fp == fingerprint_tensors(dict(state), ["a", "b", "c"]) and len(fp) == 16
     state["a"] = torch.tensor(3.5)
     assert fingerprint_tensors(state, ["a", "b", "c"]) != fp
+
+
+def test_coverage_quantized_holds_only_the_ptq_targets(ckpts, tmp_path, capsys):
+    """``coverage="quantized"``: the vector covers the weights PTQ quantizes, nothing else; it is recorded in the
+    header, patching leaves every other tensor of the receiver as it was, and a bad value is one line."""
+    from qvec.core.schema import META_COVERAGE
+    from qvec.quant.ptq import target_keys
+
+    from .cli_helpers import one_line_error, run
+
+    ft, qat = Checkpoint.load(ckpts["ft"]), Checkpoint.load(ckpts["qat"])
+    full = QuantVector.from_checkpoints(ft, qat)
+    part = QuantVector.from_checkpoints(ft, qat, coverage="quantized")
+    targets = set(target_keys(ft.model_spec))
+    assert set(part.tensors) == targets and targets < set(full.tensors)
+    assert all(torch.equal(part.tensors[k], full.tensors[k]) for k in targets)
+    assert part.meta[META_COVERAGE] == "quantized" and full.meta[META_COVERAGE] == "all"
+    recv = Checkpoint.load(ckpts["recv"])
+    patched = part.apply(recv, 0.7)
+    for k, t in recv.state.items():
+        if k in targets:
+            torch.testing.assert_close(patched.state[k], t + 0.7 * part.tensors[k])
+        else:
+            assert torch.equal(patched.state[k], t), k
+    part.save(tmp_path / "p.safetensors")
+    assert QuantVector.load(tmp_path / "p.safetensors").coverage == "quantized"
+    with pytest.raises(QvecError, match="coverage must be one of all, quantized, got 'some'"):
+        QuantVector.from_checkpoints(ft, qat, coverage="some")
+    out = tmp_path / "cli.safetensors"
+    assert run(capsys, "extract", "--ft", ckpts["ft"], "--qat", ckpts["qat"], "--coverage", "quantized",
+               "-o", out)[0] == 0
+    assert QuantVector.load(out).coverage == "quantized"
+    one_line_error(capsys, "coverage must be one of all, quantized, got 'some'", "extract", "--ft", ckpts["ft"],
+                   "--qat", ckpts["qat"], "--coverage", "some", "-o", tmp_path / "bad.safetensors")
+    assert not (tmp_path / "bad.safetensors").exists()
