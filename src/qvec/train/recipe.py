@@ -120,7 +120,7 @@ class Recipe:
         (:data:`DEFAULT_PROFILE` when None), whose ``min_examples`` gives small tasks more epochs, as the
         paper's per-task epochs do.
         """
-        if model_spec is not None and getattr(model_spec, "family", None) == "qvec":
+        if _trained_here(model_spec):
             return small_profile(profile).finetune
         if profile is not None and profile != PAPER_PROFILE:
             return pretrained_profile(profile, model_spec).finetune
@@ -130,7 +130,7 @@ class Recipe:
     @classmethod
     def for_pretraining(cls, model_spec=None, profile: str | None = None) -> Recipe:
         """The recipe that trains the small ViT's theta_0 on the CIFAR-10 pretraining corpus, for ``profile``."""
-        if model_spec is not None and getattr(model_spec, "family", None) != "qvec":
+        if model_spec is not None and not _trained_here(model_spec):
             _no_profile_for(model_spec, profile)
         return small_profile(profile).pretrain
 
@@ -138,6 +138,16 @@ class Recipe:
 #: Fields added after results were first stored, with their defaults: omitted from JSON at the default, so that
 #: content keys (and stored recipes) made before they existed stay valid.
 _LATER_FIELDS: dict[str, object] = {"val_limit": None}
+
+
+def _trained_here(model_spec) -> bool:
+    """Whether the model's family has no pretrained weights of its own (qvec's small ViTs): its recipes are the
+    small-ViT profiles, trained from scratch here, not the paper's fine-tuning recipe. The adapter says so."""
+    if model_spec is None:
+        return False
+    from qvec.models import get_adapter
+
+    return not get_adapter(model_spec).has_hub_weights
 
 
 def _no_profile_for(model_spec, profile: str | None) -> None:
