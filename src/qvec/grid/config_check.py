@@ -8,16 +8,20 @@ from dataclasses import fields
 
 from qvec.core.errors import QvecError
 from qvec.data.tasks import PAPER_TASKS, local_task_files, locate_task, resolve_data_dir
-from qvec.grid.config import (
-    CALIBRATION_SOURCES,
-    TEST_LAMBDAS,
-    GridConfig,
-    PipelineConfig,
-    coverage_names,
-)
+from qvec.grid.config_model import GridConfig, PipelineConfig
 from qvec.grid.typecheck import describe, field_types, fits
 from qvec.models import get_adapter
 from qvec.train.recipe import Recipe
+from qvec.vectors.vector import COVERAGES
+
+#: when a study measures the test split: at the selected lambdas (1, lambda* and each rule's choice) or at all
+TEST_LAMBDAS = ("selected", "all")
+#: calibration sources a pipeline may name besides a probe file or folder
+CALIBRATION_SOURCES = ("receiver", "noise")
+
+
+def coverage_names() -> tuple[str, ...]:
+    return tuple(COVERAGES)
 
 
 def validate(cfg: GridConfig, check_tasks: bool = True) -> GridConfig:

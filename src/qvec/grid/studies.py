@@ -19,7 +19,7 @@ from qvec import __version__
 from qvec.core.errors import QvecError
 from qvec.data.synthetic import PRETRAIN_FILE, SYNTHETIC_TASKS, write_suite
 from qvec.data.tasks import local_task_files
-from qvec.grid.config import GridConfig, config_from_dict, load_config
+from qvec.grid.config import GridConfig, config_from_dict, load_config, validate
 from qvec.grid.executors import Executor
 from qvec.grid.report import write_report
 from qvec.grid.run import RunSummary, run_grid
@@ -74,7 +74,7 @@ def demo_config(workdir: Path, data: Path | None = None) -> GridConfig:
         raw["name"] = "demo-" + data.name
     raw["data_dir"] = str(data)
     raw["pretrain"] = {"data": str(pre), **raw["pretrain"]}
-    return config_from_dict(raw, source="<demo>").validate()
+    return validate(config_from_dict(raw, source="<demo>"))
 
 
 def _run_and_report(config: GridConfig, workdir: Path, report_dir: Path, executor: Executor | None,

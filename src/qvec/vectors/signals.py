@@ -21,7 +21,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -30,8 +30,21 @@ from qvec.core.errors import QvecError
 from qvec.core.registry import Registry
 from qvec.data.probe import NOISE, ProbeSet, load_probe, noise_probe, receiver_probe
 
-if TYPE_CHECKING:
-    from qvec.vectors.measure import Bench
+
+class Bench(Protocol):
+    """What a signal may read from the bench it scores (:class:`qvec.vectors.measure.Bench` is the one qvec has):
+    the receiver's data config and FT state, its task, the candidate's log-probabilities, top-1 and weights."""
+
+    config: Any
+    ft: Any
+
+    def evaluate(self, split: str, limit: int | None = None) -> Any: ...
+
+    def log_probs(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def target_weights(self) -> dict[str, torch.Tensor]: ...
+
+    def require_task(self, what: str) -> Any: ...
 
 USES_NOTHING = "nothing"
 USES_GENERIC = "generic images"
