@@ -65,6 +65,7 @@ def pyplot():
     import matplotlib
 
     matplotlib.use("Agg", force=True)
+    matplotlib.rcParams["svg.hashsalt"] = "qvec"  # stable element ids: a report is a pure function of its database
     import matplotlib.pyplot as plt
 
     return plt
@@ -76,7 +77,8 @@ def save_figure(fig, out_dir: Path, name: str) -> list[Path]:
     for ext in ("png", "svg"):
         p = out_dir / f"{name}.{ext}"
         with atomic_path(p) as tmp:
-            fig.savefig(tmp, format=ext, dpi=150 if ext == "png" else None, bbox_inches="tight")
+            fig.savefig(tmp, format=ext, dpi=150 if ext == "png" else None, bbox_inches="tight",
+                        metadata={"Date": None} if ext == "svg" else None)
         paths.append(p)
     pyplot().close(fig)
     return paths
