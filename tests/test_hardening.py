@@ -120,6 +120,7 @@ def test_full_disk_leaves_nothing(ckpts, tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(atomic.os, "fsync", full)
     out = tmp_path / "out" / "q.safetensors"
+    out.parent.mkdir()
     one_line_error(capsys, f"{out}: cannot write (No space left on device)", "quantize", ckpts["recv"], "--bits",
                    "3", "-o", out)
     assert not out.exists() and leftovers(tmp_path / "out") == []
@@ -194,7 +195,8 @@ def test_artifacts_get_the_usual_permissions(ckpts, tmp_path):
 @pytest.mark.parametrize("extra, message", [
     ('[recipe]\nepochs = "two"', "recipe.epochs must be an integer, got 'two'"),
     ("[recipe]\nlr = -1.0", "recipe: bad recipe: lr must be positive"),
-    ('model_options = { depthh = 3 }', "model_options: cannot build qvec:vit-nano"),
+    ('model_options = { depthh = 3 }', "model_options: qvec:vit-nano: unknown model option 'depthh' (did you mean "
+                                       "'depth'?)"),
     ("img_size = 30", "input size 30 px is not a multiple of the patch size 4"),
 ])
 def test_grid_config_errors_before_any_work(extra, message, tmp_path, capsys):

@@ -10,14 +10,13 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
-from qvec.cli import app
+from qvec.cli import app, make_console
 from qvec.cli.options import takes
 from qvec.core.errors import QvecError
 
-out = Console()
-err = Console(stderr=True)
+out = make_console()
+err = make_console(stderr=True)
 
 grid_app = typer.Typer(help="Donor x receiver experiment grids: run, plan, export.", no_args_is_help=True)
 reproduce_app = typer.Typer(help="Reproduce the studies shipped with qvec.", no_args_is_help=True)
