@@ -52,13 +52,13 @@ def available_memory() -> int:
 
 def check_count(value: object, name: str, minimum: int = 1, maximum: int | None = None, unit: str = "") -> int:
     """``value`` as an int in ``minimum..maximum``, else one line: ``--batch-size must be at least 1, got 0``."""
-    what = f" {unit}" if unit else ""
+    what = f" of {unit}" if unit else ""
     if isinstance(value, bool) or not isinstance(value, int):
         raise QvecError(f"{name} must be a whole number{what}, got {value!r}")
     if value < minimum:
-        raise QvecError(f"{name} must be at least {minimum}{what}, got {value}")
+        raise QvecError(f"{name} must be at least {minimum}, got {value}")
     if maximum is not None and value > maximum:
-        raise QvecError(f"{name} must be at most {maximum:,}{what}, got {value:,}")
+        raise QvecError(f"{name} must be at most {maximum:,}, got {value:,}")
     return value
 
 
@@ -72,6 +72,31 @@ def check_fits(nbytes: float, what: str, hint: str = "") -> None:
         more = f"; {hint}" if hint else ""
         raise QvecError(f"{what} would need {human_bytes(nbytes)} of memory, more than the {human_bytes(have)} "
                         f"available (${MEMORY_ENV} overrides that figure){more}")
+
+
+#: Bytes a forward pass needs per image, as a multiple of the image's float32 input (3 x S x S x 4 bytes): the
+#: activations of a ViT block (MLP hidden layer, attention maps) at once; training keeps every block's for the
+#: backward pass, hence the larger factor. Estimates, on the generous side: they only refuse absurd batches.
+FORWARD_FACTOR = 32
+TRAIN_FACTOR = 96
+#: Memory one grid worker process takes (torch, a model, cached splits): refuses worker counts no machine holds.
+WORKER_BYTES = 512 * 2**20
+
+
+def check_batch(batch_size: object, image_size: int, name: str = "--batch-size", training: bool = False) -> int:
+    """A batch size that is at least 1 and whose images and activations fit in the memory available."""
+    batch = check_count(batch_size, name, 1)
+    per_image = 4 * 3 * image_size * image_size * (TRAIN_FACTOR if training else FORWARD_FACTOR)
+    check_fits(batch * per_image, f"{name} {batch:,}: a {'training' if training else 'forward'} batch of "
+               f"{batch:,} images of {image_size}x{image_size}", f"use a smaller {name}")
+    return batch
+
+
+def check_workers(workers: object, name: str = "--workers") -> int:
+    """A worker count in 1..4 per CPU whose processes fit in the memory available."""
+    n = check_count(workers, name, 1, max_threads())
+    check_fits(n * WORKER_BYTES, f"{name} {n}: {n} worker processes", f"use fewer {name}")
+    return n
 
 
 def max_threads() -> int:

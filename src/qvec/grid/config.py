@@ -38,8 +38,9 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from qvec.core.checkpoint import require_file
 from qvec.core.errors import QvecError
-from qvec.data.tasks import resolve_data_dir
+from qvec.data.tasks import check_data_dir, resolve_data_dir
 from qvec.models import ModelSpec
 from qvec.quant import QuantizerConfig, QuantSpec, get_quantizer, quantizer_names
 from qvec.quant.presets import get_preset
@@ -292,7 +293,10 @@ class GridConfig:
         assert self.pretrain is not None
         cand = self.resolve_path(self.pretrain.data)
         if not cand.is_file() and not os.path.isabs(self.pretrain.data):
-            inside = Path(resolve_data_dir(self.data_path())) / self.pretrain.data
+            folder = resolve_data_dir(self.data_path())
+            if folder is not None:  # a missing data folder is the fault, not the file name inside it
+                check_data_dir(folder)
+            inside = Path(folder) / self.pretrain.data
             if inside.is_file():
                 return inside
         if not cand.is_file():
@@ -320,8 +324,7 @@ _GRID_KEYS = ("granularity", "symmetric", "group_size", "full_range")
 def _read_file(path: Path) -> dict:
     if path.is_dir():
         raise QvecError(f"{path}: is a folder; give a config file (.toml, .yaml or .yml)")
-    if not path.is_file():
-        raise QvecError(f"{path}: no such config file")
+    require_file(path, "config file")  # a FIFO or device is named as such; the file is an input of the command
     text = path.read_text()
     try:
         if path.suffix in (".yaml", ".yml"):

@@ -74,7 +74,10 @@ def meta_build(spec: ModelSpec, state: Mapping[str, torch.Tensor] | None = None,
     must match them."""
     source = source or str(spec)
     adapter = get_adapter(spec)
-    adapter.check_options(spec)
+    try:
+        adapter.check_options(spec)
+    except QvecError as e:
+        raise QvecError(f"{source}: {e}" if source != str(spec) else str(e)) from None
     if state is not None:
         elements = _file_elements(state)
         budget, modules = 2 * elements + SLACK_ELEMENTS, max(MIN_MODULE_BUDGET, MODULES_PER_TENSOR * len(state))
@@ -103,8 +106,7 @@ def meta_build(spec: ModelSpec, state: Mapping[str, torch.Tensor] | None = None,
         with torch.device("meta"):
             model = adapter.build(spec, pretrained=False)
     except _BudgetExceeded as e:
-        raise QvecError(f"{source}: the header asks for a {spec} model with {e} ({what}); options "
-                        f"{spec.options}") from None
+        raise QvecError(f"{source}: a {spec} model with options {spec.options} would hold {e} ({what})") from None
     except QvecError:
         raise
     except Exception as e:  # a constructor's own complaint about an option (TypeError, AssertionError, ...)

@@ -19,26 +19,27 @@ from qvec.quant.rtn import quantize_state_dict_
 from qvec.quant.targets import ALL_TARGETS, TargetFilter
 
 
-def meta_model(spec: ModelSpec, state: dict | None = None):
+def meta_model(spec: ModelSpec, state: dict | None = None, source: str | None = None):
     """A model of ``spec`` built on the meta device (no memory, no weights), for its keys and shapes; its options
     and size are checked first, against ``state`` when given (:func:`qvec.models.guard.meta_build`)."""
     from qvec.models.guard import meta_build
 
-    return meta_build(spec, state, match_state=False)
+    return meta_build(spec, state, source, match_state=False)
 
 
-def target_shapes(spec: ModelSpec, targets: TargetFilter | bool = ALL_TARGETS, state: dict | None = None
-                  ) -> dict[str, tuple[int, ...]]:
-    """State-dict key -> shape of every weight PTQ quantizes in a model of ``spec`` (sized by ``state``)."""
-    model = meta_model(spec, state)
+def target_shapes(spec: ModelSpec, targets: TargetFilter | bool = ALL_TARGETS, state: dict | None = None,
+                  source: str | None = None) -> dict[str, tuple[int, ...]]:
+    """State-dict key -> shape of every weight PTQ quantizes in a model of ``spec`` (sized by ``state``, the
+    tensors of the file ``source``)."""
+    model = meta_model(spec, state, source)
     found = TargetFilter.of(targets).find(model, get_adapter(spec).head_prefixes)
     return {t.key: tuple(t.weight.shape) for t in found}
 
 
-def target_keys(spec: ModelSpec, targets: TargetFilter | bool = ALL_TARGETS, state: dict | None = None
-                ) -> list[str]:
+def target_keys(spec: ModelSpec, targets: TargetFilter | bool = ALL_TARGETS, state: dict | None = None,
+                source: str | None = None) -> list[str]:
     """State-dict keys of the weights PTQ quantizes for a model of ``spec``."""
-    return list(target_shapes(spec, targets, state))
+    return list(target_shapes(spec, targets, state, source))
 
 
 @dataclass
@@ -69,7 +70,7 @@ def quantize_checkpoint(
     result keeps float tensors, so any PyTorch code can run it; ``qvec pack`` stores the real low-bit codes.
     """
     quant, targets, spec = as_quantizer(quant), TargetFilter.of(targets), spec or ckpt.model_spec
-    keys = target_keys(spec, targets, ckpt.state)
+    keys = target_keys(spec, targets, ckpt.state, ckpt.name())
     missing = [k for k in keys if k not in ckpt.state]
     if missing:
         raise QvecError(f"{ckpt.name()}: quantization target {missing[0]!r} is not in the checkpoint (is it a {spec}?)")

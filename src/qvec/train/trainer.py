@@ -30,6 +30,7 @@ from torch import nn
 
 from qvec.core.checkpoint import Checkpoint, atomic_path, fingerprint_tensors
 from qvec.core.errors import QvecError
+from qvec.core.limits import check_batch
 from qvec.core.schema import (  # grid.run imports META_RECIPE, META_TRAIN_SECONDS and META_INCLUDE_IN_PROJ from here
     META_CLASSES,
     META_FINGERPRINT,
@@ -242,6 +243,7 @@ def _plan(job: _Job) -> _Plan:
     if n == 0:
         raise QvecError(f"task {task.name!r} has no training examples")
     config = job.adapter.data_config(job.spec, job.model)
+    check_batch(min(recipe.micro_batch, n), config.image_size, "the training batch (--batch-size)", training=True)
     return _Plan(train_split, n, config, math.ceil(n / recipe.batch_size), recipe.epochs_for(n))
 
 

@@ -35,6 +35,7 @@ _EXPORTS = {
     "locate_task": "qvec.data.tasks.catalogue",
     "paper_task": "qvec.data.tasks.catalogue",
     "resolve_data_dir": "qvec.data.tasks.catalogue",
+    "check_data_dir": "qvec.data.tasks.catalogue",
     "task_summaries": "qvec.data.tasks.catalogue",
     "NPZ_ARRAYS": "qvec.data.tasks.loaders",
     "load_hf_task": "qvec.data.tasks.loaders",
@@ -95,6 +96,7 @@ __all__ = [
     "paper_task",
     "resize_batch",
     "resolve_data_dir",
+    "check_data_dir",
     "task_summaries",
     "validation_indices",
 ]
