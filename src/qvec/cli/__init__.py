@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from qvec import __version__
-from qvec.core.atomic import announce_new_folder, check_output, guard_inputs
+from qvec.core.atomic import announce_folders, check_output, guard_inputs
 from qvec.core.errors import QvecError, describe_os_error
 
 #: Width of output that is not a terminal (a pipe, a file): wide enough that no path or table row is wrapped.
@@ -45,6 +45,10 @@ app = typer.Typer(
 console = make_console(stderr=True)
 
 
+#: The running command's arguments (``qvec CMD --help`` imports no plugin: help works with a broken one).
+_ARGS: list[str] = []
+
+
 def _show_version(value: bool) -> None:
     if value:
         print(f"qvec {__version__}")
@@ -57,6 +61,10 @@ def _main(
                                           callback=_show_version)] = False,
 ) -> None:
     """Zero-shot low-bit quantization of fine-tuned ViTs through quantization vectors."""
+    from qvec.core.plugins import load_plugins, plugin_names
+
+    if plugin_names() and "--help" not in _ARGS:  # every command, not only those that look a name up
+        load_plugins()
 
 
 def output_file(path, *inputs) -> None:
@@ -65,11 +73,9 @@ def output_file(path, *inputs) -> None:
     check_output(path, [i for i in inputs if i is not None], new_folders=False)
 
 
-def new_folder(path) -> None:
-    """Say in one line (on stderr) that a folder the user named will be created, with the parents it lacks."""
-    line = announce_new_folder(path)
-    if line:
-        console.print(line, highlight=False, markup=False)
+def _say_folder(line: str) -> None:
+    """A folder the command creates, said in one line on stderr (a typo in a path must not grow a tree silently)."""
+    console.print(line, highlight=False, markup=False)
 
 
 def _register() -> None:
@@ -101,8 +107,9 @@ def _is_usage_error(e: BaseException) -> bool:
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app; a QvecError becomes one red line on stderr and exit status 2."""
     _register()
+    _ARGS[:] = sys.argv[1:] if argv is None else argv
     try:
-        with guard_inputs():
+        with guard_inputs(), announce_folders(_say_folder):
             app(args=argv, standalone_mode=False)
     except QvecError as e:
         console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)

@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from qvec.cli import app, make_console
+from qvec.cli import app, make_console, output_file
 from qvec.cli.options import takes
 from qvec.core.errors import QvecError
 
@@ -185,10 +185,10 @@ def grid_theory(
 ) -> None:
     """Check Proposition 1 on a study: predicted lambda* and recovery with H = I and H = the receiver's diagonal
     Fisher, against the measured ones (Spearman). Uses the receiver's own QAT and data: not a zero-shot rule."""
+    from qvec.core.limits import check_count
     from qvec.grid.theory import fisher_check
 
-    if examples < 1:
-        raise QvecError(f"--examples must be at least 1, got {examples}")
+    check_count(examples, "--examples", 1)
     study = StudyFlags(db=db, artifacts=artifacts, data=data, workdir=workdir)
     cfg = study.load(config)
     db, artifacts = study.paths(cfg)
@@ -230,8 +230,11 @@ def grid_export(
 
     if csv is None and parquet is None:
         raise QvecError("give --csv PATH and/or --parquet PATH")
-    if not db.is_file():
-        raise QvecError(f"{db}: no such results database")
+    for path in (csv, parquet):
+        if path is not None:
+            output_file(path, db)
+    if csv is not None and parquet is not None and csv.resolve() == parquet.resolve():
+        raise QvecError(f"{csv}: given as both --csv and --parquet; give two paths")
     with ResultStore(db, create=False) as store:
         if study is not None:
             store.resolve_study(study)
@@ -249,12 +252,15 @@ def report_cmd(
     study: Annotated[str | None, typer.Option("--study", help="Study to report (default: the latest).")] = None,
 ) -> None:
     """Write the study's tables (Markdown, CSV), figures (PNG, SVG) and report.md."""
-    from qvec.grid.report import write_report
+    from qvec.core.checkpoint import require_file
+    from qvec.grid.report import partial_note, write_report
 
-    if not db.is_file():
-        raise QvecError(f"{db}: no such results database")
+    require_file(db, "results database")
     path = write_report(db, output, study)
     out.print(f"wrote {path} (tables .md/.csv, figures .png/.svg in {output})")
+    note = partial_note(db, study)
+    if note:
+        err.print(f"note: {note}", highlight=False, markup=False)
 
 
 def _print_study(run) -> None:

@@ -19,7 +19,7 @@ import os
 import socket
 import stat
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -192,6 +192,43 @@ def announce_new_folder(path: str | os.PathLike) -> str | None:
     return f"creating folder {path}{extra}"
 
 
+#: Who hears about folders :func:`make_folder` creates (the CLI prints one line each), while
+#: :func:`announce_folders` is active.
+_ANNOUNCERS: list[tuple[Callable[[str], None], list[Path]]] = []
+
+
+@contextmanager
+def announce_folders(say: Callable[[str], None]) -> Iterator[None]:
+    """While active (one CLI command), every folder :func:`make_folder` creates is said in one line through
+    ``say``, at the moment it is created (after the command's checks passed), once per new tree: a folder inside
+    one already said is not said again."""
+    _ANNOUNCERS.append((say, []))
+    try:
+        yield
+    finally:
+        _ANNOUNCERS.pop()
+
+
+def make_folder(path: str | os.PathLike) -> Path:
+    """Create the folder ``path`` with the parents it lacks, saying so (:func:`announce_folders`): a folder a user
+    named is never grown silently, so a typo in a path shows. Something other than a folder there is one line."""
+    path = Path(path)
+    line = announce_new_folder(path)
+    if line is None:
+        return path
+    top = next(p for p in reversed((path, *path.parents)) if not p.exists())
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise os_error(e, path) from None
+    if _ANNOUNCERS:
+        say, said = _ANNOUNCERS[-1]
+        if not any(top == s or s in top.parents for s in said):
+            said.append(top)
+            say(line)
+    return path
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike, inputs: Iterable[str | os.PathLike] = ()) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
@@ -203,7 +240,7 @@ def atomic_path(path: str | os.PathLike, inputs: Iterable[str | os.PathLike] = (
     """
     path = check_output(path, inputs)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)  # a library writer's own folders: the CLI checks its outputs'
         remove_stale_temps(path)
         tmp = temp_path_for(path)
         tmp.unlink(missing_ok=True)
