@@ -20,11 +20,11 @@ is kept among ready jobs, so evaluation cells of one receiver tend to land on th
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Callable, Sequence
 
 from qvec.core.errors import QvecError
 from qvec.core.limits import check_count, check_workers, max_threads
+from qvec.core.progress import stderr_is_terminal
 from qvec.grid.jobs import JobOutput, execute_job
 from qvec.grid.monitor import JobMonitor
 from qvec.grid.plan import Job
@@ -304,6 +304,6 @@ def make_executor(name: str, *, address: str | None = None, num_cpus: int | None
         ex = RayExecutor(address=address, num_cpus=num_cpus or workers, gpus_per_job=gpus_per_job)
     else:
         raise QvecError(f"unknown executor {name!r}; choose local or ray")
-    if progress and sys.stderr.isatty():
-        ex.monitor = JobMonitor()
+    if progress:
+        ex.monitor = JobMonitor(lines=not stderr_is_terminal())
     return ex

@@ -201,8 +201,15 @@ def _val_accuracy(job: _Job, quant: QuantSpec | QuantizerConfig | None) -> float
 
 
 def _progress(enabled: bool, total_steps: int, done_steps: int, title: str):
+    """A live bar on a terminal; plain lines every so often when stderr is a file or pipe (a log is never silent
+    through a long training: :mod:`qvec.core.progress`)."""
     if not enabled:
         return None, None
+    from qvec.core.progress import LineProgress, stderr_is_terminal
+
+    if not stderr_is_terminal():
+        bar = LineProgress()
+        return bar, bar.add_task(title, total=total_steps, completed=done_steps, loss="-", ips="-")
     from rich.console import Console
     from rich.progress import (
         BarColumn,
@@ -417,7 +424,7 @@ def _finetune_meta(task: Task, qat: QuantSpec | None, fingerprint: str, targets:
     if qat is not None:
         meta[META_QUANT] = json.dumps(qat.to_dict())
     if init is not None:
-        meta[META_INIT] = str(init)
+        meta[META_INIT] = Path(init).name  # a name, not a local path; the weights are identified by the fingerprint
     return meta
 
 
