@@ -14,7 +14,7 @@ from qvec.data.probe import ProbeSet
 from qvec.models import ModelSpec, get_adapter, load_model
 from qvec.quant.base import QParams, QuantizerConfig, as_quantizer, quantize_
 from qvec.quant.calibration import calibration_images, check_calibration
-from qvec.quant.grid import NonFiniteWeightError, QuantSpec
+from qvec.quant.grid import NonFiniteWeightError, QuantSpec, check_group_size
 from qvec.quant.rtn import quantize_state_dict_
 from qvec.quant.targets import ALL_TARGETS, TargetFilter
 
@@ -74,6 +74,7 @@ def quantize_checkpoint(
     missing = [k for k in keys if k not in ckpt.state]
     if missing:
         raise QvecError(f"{ckpt.name()}: quantization target {missing[0]!r} is not in the checkpoint (is it a {spec}?)")
+    check_group_size(quant.grid, {k: tuple(ckpt.state[k].shape) for k in keys}, ckpt.name())
     record = {**quant.to_dict(), "include_in_proj": targets.in_proj, **({"skip": list(targets.skip)}
                                                                         if targets.skip else {})}
     try:
