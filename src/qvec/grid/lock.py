@@ -45,10 +45,15 @@ class RunInfo:
     cells_done: int = 0
     cells_total: int = 0
 
-    def describe(self) -> str:
+    def who(self) -> str:
+        """``pid 4242 on node1, since 2026-12-07 11:51:18``."""
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.started))
-        return (f"pid {self.pid} on {self.host}, since {since}, {self.jobs_done} of {self.jobs_total} jobs and "
-                f"{self.cells_done} of {self.cells_total} cells done")
+        return f"pid {self.pid} on {self.host}, since {since}"
+
+    def describe(self) -> str:
+        """Who runs the study, and how far it is."""
+        return (f"{self.who()}, {self.jobs_done} of {self.jobs_total} jobs and {self.cells_done} of "
+                f"{self.cells_total} cells done")
 
 
 def lock_path(db: str | os.PathLike, study: str) -> Path:

@@ -172,8 +172,8 @@ def partial_note(db: str | os.PathLike, study: str | None = None) -> str | None:
     info = run_status(db, study)
     if info is None:
         return None
-    return (f"study {study!r} is still running ({info.describe()}): this report is partial, "
-            f"{info.cells_done} of {info.cells_total} cells done")
+    return (f"study {study!r} is still running ({info.who()}): this report is partial, {info.cells_done} of "
+            f"{info.cells_total} cells done")
 
 
 def print_summary(db: str | os.PathLike, study: str | None = None,

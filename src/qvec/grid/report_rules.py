@@ -16,9 +16,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from qvec.data.probe import NOISE as NOISE_PROBE
 from qvec.grid.render import Table, nanmean, pyplot, save_figure
-from qvec.vectors.rules import MEAN_DONOR, USES_GENERIC, LambdaRule, get_rule, lam_key
+from qvec.vectors.rules import MEAN_DONOR, LambdaRule, get_rule, lam_key, uses_label
 from qvec.vectors.rules import choices as pair_choices
 
 NAN = float("nan")
@@ -156,14 +155,6 @@ def _split(outs: Sequence[RuleOutcome], domain: Sequence[str]) -> list[tuple[str
         parts.append((f" (receivers in the probe's domain: {', '.join(domain)})",
                       [o for o in single if o.receiver in domain]))
     return [(t, p) for t, p in parts if p]
-
-
-def uses_label(rule: LambdaRule, probe: str = "") -> str:
-    """What receiver-side data a rule used, as the tables say it: a probe rule run on ``rules.probe = "noise"``
-    used generated noise, not generic images."""
-    if rule.uses == USES_GENERIC and probe.strip().lower() == NOISE_PROBE:
-        return "nothing (noise probe)"
-    return rule.uses
 
 
 def rules_tables(outs: Sequence[RuleOutcome], rules: Sequence[LambdaRule], bits: int,

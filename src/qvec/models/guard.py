@@ -107,8 +107,8 @@ def meta_build(spec: ModelSpec, state: Mapping[str, torch.Tensor] | None = None,
             model = adapter.build(spec, pretrained=False)
     except _BudgetExceeded as e:
         raise QvecError(f"{source}: a {spec} model with options {spec.options} would hold {e} ({what})") from None
-    except QvecError:
-        raise
+    except QvecError as e:  # the family's own check of an option: say which file asked for it
+        raise QvecError(str(e) if str(e).startswith(source) else f"{source}: {e}") from None
     except Exception as e:  # a constructor's own complaint about an option (TypeError, AssertionError, ...)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise QvecError(f"{source}: cannot build {spec} with options {spec.options}: {first[:200]}") from None
