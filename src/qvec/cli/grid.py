@@ -226,8 +226,6 @@ def grid_export(
     study: Annotated[str | None, typer.Option("--study", help="Only this study's rows (default: all).")] = None,
 ) -> None:
     """Export results to CSV and/or Parquet."""
-    from qvec.grid.store import ResultStore
-
     if csv is None and parquet is None:
         raise QvecError("give --csv PATH and/or --parquet PATH")
     for path in (csv, parquet):
@@ -235,6 +233,8 @@ def grid_export(
             output_file(path, db)
     if csv is not None and parquet is not None and csv.resolve() == parquet.resolve():
         raise QvecError(f"{csv}: given as both --csv and --parquet; give two paths")
+    from qvec.grid.store import ResultStore
+
     with ResultStore(db, create=False) as store:
         if study is not None:
             store.resolve_study(study)
