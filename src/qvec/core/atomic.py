@@ -216,7 +216,7 @@ def make_folder(path: str | os.PathLike) -> Path:
     line = announce_new_folder(path)
     if line is None:
         return path
-    top = next(p for p in reversed((path, *path.parents)) if not p.exists())
+    top = next(p for p in reversed((path, *path.parents)) if not p.exists()).absolute()
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
