@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qvec.core.atomic import check_output, file_kind
 from qvec.core.checkpoint import Checkpoint, atomic_path, fingerprint_tensors
 from qvec.core.errors import QvecError
 from qvec.core.limits import check_batch
@@ -81,7 +82,8 @@ class _ProgressFile:
                 pass  # progress is a courtesy: a full disk shows up where the checkpoint is written
 
     def close(self) -> None:
-        self.path.unlink(missing_ok=True)
+        if file_kind(self.path) is None:  # a regular file (ours) or nothing: never unlink a FIFO or device
+            self.path.unlink(missing_ok=True)
 
 
 def log_path_for(out: str | Path) -> Path:
@@ -361,6 +363,8 @@ def _save_checkpoint(job: _Job, train_seconds: float, log: dict, spath: Path) ->
 
 
 def _train(job: _Job, resume: bool = True, on_epoch: Callable[[int], None] | None = None) -> Checkpoint:
+    for path in (job.out, state_path(job.out), job.log_path, progress_path(job.out)):  # before any training
+        check_output(path)  # every file the run writes: regular or new (never a FIFO, device or directory)
     recipe, plan = job.recipe, _plan(job)
     job.model.to(job.device)
     params = trainable_parameters(job.model)
