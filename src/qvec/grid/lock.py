@@ -24,6 +24,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from qvec.core.atomic import file_kind
 from qvec.core.errors import QvecError
 
 try:
@@ -59,7 +60,8 @@ class RunInfo:
 def lock_path(db: str | os.PathLike, study: str) -> Path:
     """The lock file of ``study`` in the database ``db``: beside it, hidden."""
     db = Path(db)
-    return db.parent / f".{db.name}.{study}.lock"
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in study)  # a name, never a path
+    return db.parent / f".{db.name}.{safe}.lock"
 
 
 def _read(path: Path) -> RunInfo | None:
@@ -96,8 +98,11 @@ class StudyLock:
         if fcntl is None:
             return self
         while True:
+            kind = file_kind(self.path)
+            if kind is not None:  # never open (a FIFO blocks) or later unlink what is not our regular file
+                raise QvecError(f"{self.path}: the study's lock file is {kind}, not a regular file; remove it")
             try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
             except OSError as e:
                 raise QvecError(f"{self.path}: cannot create the study's lock file ({e.strerror})") from None
             if not _flock_soon(fd):
