@@ -38,8 +38,10 @@ def leftovers(folder: Path) -> list[Path]:
     (["frobnicate"], "No such command 'frobnicate'"),
 ])
 def test_usage_errors_through_the_entry_point(args, message, tmp_path):
+    from .hostile_helpers import qvec_env
+
     r = subprocess.run([sys.executable, "-m", "qvec", *args], capture_output=True, text=True, timeout=120,
-                       cwd=tmp_path)
+                       cwd=tmp_path, env=qvec_env())  # this checkout's qvec, whatever the working folder
     assert r.returncode == 2, r.stderr
     assert message in r.stderr and "Traceback" not in r.stderr and len(r.stderr.splitlines()) <= 6, r.stderr
     assert list(tmp_path.iterdir()) == []

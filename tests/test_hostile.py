@@ -55,6 +55,7 @@ def world(tmp_path_factory) -> Path:
                        "heads": {"embed_dim": 100}}.items():
         lying = Checkpoint(dict(ft.state), {**ft.meta, "qvec.model": json.dumps({**model, "options": opts})})
         lying.save(w / f"{name}.safetensors")
+    _lying_packed(w)
     np.savez(w / "obj.npz", x=np.array([{"a": 1}, None], dtype=object))
     arrays = dict(np.load(w / "data" / "stripes.npz"))
     (w / "objdata").mkdir()
@@ -64,6 +65,26 @@ def world(tmp_path_factory) -> Path:
                                 'data = "pretrain_cifar10.npz"\n')
     (w / "plain.txt").write_text("not a folder")
     return w
+
+
+PACKED_LIES = {"negative": lambda i, k: i["shapes"].__setitem__(k, [-1, 96]),
+               "text": lambda i, k: i["shapes"].__setitem__(k, "abc"),
+               "huge": lambda i, k: i["shapes"].__setitem__(k, [10**12, 10**12]),
+               "list": lambda i, k: i.__setitem__("shapes", [1, 2])}
+
+
+def _lying_packed(w: Path) -> None:
+    """Packed files whose header (the shapes unpacking allocates) lies."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(w / "packed.safetensors"), framework="pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(w / "packed.safetensors"))
+    for name, lie in PACKED_LIES.items():
+        info = json.loads(meta["qvec.packed"])
+        lie(info, "blocks.0.attn.proj.weight")
+        save_file(tensors, str(w / f"packed-{name}.safetensors"), metadata={**meta, "qvec.packed": json.dumps(info)})
 
 
 def _bombs(w: Path) -> None:
@@ -165,6 +186,15 @@ def test_2_headers_are_checked_against_the_file_before_anything_is_built(world, 
     path = world / "deep.safetensors"
     refused(f"{path}: {cases['deep']}", "quantize", path, "--bits", "3", "-o", tmp_path / "q.safetensors",
             cwd=tmp_path, roots=(world, tmp_path))
+    malformed = "packed checkpoint header is malformed"
+    shape = "shape of 'blocks.0.attn.proj.weight' must be a list of whole numbers >= 0, got"
+    packed = {"negative": f"{malformed} ({shape} [-1, 96])", "text": f"{malformed} ({shape} 'abc')",
+              "huge": f"packed stream holds 27648 bits, {3 * 10**24} needed for {10**24} codes",
+              "list": f"{malformed} (shapes and dtypes must be mappings)"}
+    for name, message in packed.items():
+        path = world / f"packed-{name}.safetensors"
+        refused(f"{path}: {message}", "unpack", path, "-o", tmp_path / "u.safetensors", cwd=tmp_path,
+                roots=(world, tmp_path))
 
 
 # ------------------------------------------------------------------------------------- 3. sizes without bounds
