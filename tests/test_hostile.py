@@ -253,7 +253,8 @@ def test_6_messages_name_the_real_problem(world, tmp_path):
     plain = world / "plain.txt"
     refused(f"{plain}: is a file, not a data folder (set $QVEC_DATA to the folder of task .npz files)", "tasks",
             cwd=tmp_path, roots=roots, env=qvec_env(QVEC_DATA=str(plain)))
-    refused(f"{world}: is a directory, not a config file", "grid", "plan", world, cwd=tmp_path, roots=roots)
+    refused(f"{world}: is a folder; give a config file (.toml, .yaml or .yml)", "grid", "plan", world, cwd=tmp_path,
+            roots=roots)
     base, out = world / "base.safetensors", tmp_path / "o.safetensors"
     refused("GPTQ needs at least 8 calibration images, got 0 (--calib-size)", "quantize", base, "--bits", "3",
             "--method", "gptq", "--calib", "noise", "--calib-size", "0", "-o", out, cwd=tmp_path, roots=roots)
@@ -337,8 +338,8 @@ def test_7_radar_has_no_unlabelled_shape(tmp_path, monkeypatch):
     from qvec.grid.store import ResultStore
 
     figures = []
-    real_save = report_figures._save
-    monkeypatch.setattr(report_figures, "_save", lambda fig, out, name: figures.append(fig) or
+    real_save = report_figures.save_figure
+    monkeypatch.setattr(report_figures, "save_figure", lambda fig, out, name: figures.append(fig) or
                         real_save(fig, out, name))
     with ResultStore(build_db(tmp_path / "hand.db")) as store:
         data = load_study(store)
