@@ -248,7 +248,7 @@ def test_eval_limit_must_be_positive(limit, ckpts, tmp_path, capsys):
 
     path = checkpoint_from_model(build_model(spec), spec, **{"qvec.task": "stripes"}).save(tmp_path / "s.safetensors")
     del ck
-    one_line_error(capsys, f"limit must be a positive number of images, got {limit}", "eval", "-m", path, "-t",
+    one_line_error(capsys, f"--limit must be at least 1, got {limit}", "eval", "-m", path, "-t",
                    "stripes", "-d", data, "--limit", limit)
 
 
