@@ -29,7 +29,7 @@ from qvec.core.errors import QvecError
 
 try:
     import fcntl
-except ImportError:  # not POSIX: no lock (documented in docs/hardening.md)
+except ImportError:  # not POSIX: no lock (docs/grid.md, "Crash safety")
     fcntl = None  # type: ignore[assignment]
 
 
