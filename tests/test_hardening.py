@@ -38,8 +38,10 @@ def leftovers(folder: Path) -> list[Path]:
     (["frobnicate"], "No such command 'frobnicate'"),
 ])
 def test_usage_errors_through_the_entry_point(args, message, tmp_path):
+    from .hostile_helpers import qvec_env
+
     r = subprocess.run([sys.executable, "-m", "qvec", *args], capture_output=True, text=True, timeout=120,
-                       cwd=tmp_path)
+                       cwd=tmp_path, env=qvec_env())  # this checkout's qvec, whatever the working folder
     assert r.returncode == 2, r.stderr
     assert message in r.stderr and "Traceback" not in r.stderr and len(r.stderr.splitlines()) <= 6, r.stderr
     assert list(tmp_path.iterdir()) == []
@@ -120,6 +122,7 @@ def test_full_disk_leaves_nothing(ckpts, tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(atomic.os, "fsync", full)
     out = tmp_path / "out" / "q.safetensors"
+    out.parent.mkdir()
     one_line_error(capsys, f"{out}: cannot write (No space left on device)", "quantize", ckpts["recv"], "--bits",
                    "3", "-o", out)
     assert not out.exists() and leftovers(tmp_path / "out") == []
@@ -194,7 +197,8 @@ def test_artifacts_get_the_usual_permissions(ckpts, tmp_path):
 @pytest.mark.parametrize("extra, message", [
     ('[recipe]\nepochs = "two"', "recipe.epochs must be an integer, got 'two'"),
     ("[recipe]\nlr = -1.0", "recipe: bad recipe: lr must be positive"),
-    ('model_options = { depthh = 3 }', "model_options: cannot build qvec:vit-nano"),
+    ('model_options = { depthh = 3 }', "model_options: qvec:vit-nano: unknown model option 'depthh' (did you mean "
+                                       "'depth'?)"),
     ("img_size = 30", "input size 30 px is not a multiple of the patch size 4"),
 ])
 def test_grid_config_errors_before_any_work(extra, message, tmp_path, capsys):
@@ -244,7 +248,7 @@ def test_eval_limit_must_be_positive(limit, ckpts, tmp_path, capsys):
 
     path = checkpoint_from_model(build_model(spec), spec, **{"qvec.task": "stripes"}).save(tmp_path / "s.safetensors")
     del ck
-    one_line_error(capsys, f"limit must be a positive number of images, got {limit}", "eval", "-m", path, "-t",
+    one_line_error(capsys, f"--limit must be at least 1, got {limit}", "eval", "-m", path, "-t",
                    "stripes", "-d", data, "--limit", limit)
 
 

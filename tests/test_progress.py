@@ -55,7 +55,7 @@ def test_threads_option():
     ex = make_executor("local", workers=2, threads=3)
     assert isinstance(ex, PoolExecutor) and ex.threads_for(Job("pretrain/x", "pretrain", "k")) == 3
     assert make_executor("local", workers=2).threads_for(Job("ft/x", "finetune", "k")) >= 1
-    with pytest.raises(QvecError, match="--threads must be >= 1, got 0"):
+    with pytest.raises(QvecError, match="--threads must be at least 1, got 0"):
         make_executor("local", workers=2, threads=0)
     with pytest.raises(QvecError, match="--threads is for the local executor"):
         make_executor("ray", threads=2)
@@ -66,4 +66,4 @@ def test_grid_run_threads_zero_is_one_line(tmp_path, capsys):
     cfg.write_text('model = "qvec:vit-nano"\ntasks = ["stripes"]\nbackbone = "hub"\n')
     assert main(["grid", "run", "--threads", "0", "--workdir", str(tmp_path / "w"), "--model", "qvec:vit-nano",
                  "--tasks", "stripes"]) == 2
-    assert "--threads must be >= 1" in capsys.readouterr().err
+    assert "--threads must be at least 1, got 0" in capsys.readouterr().err

@@ -95,7 +95,7 @@ def test_bad_probes_are_one_line_errors(tmp_path):
         load_probe(tmp_path / "tiny.npz")
     with pytest.raises(QvecError, match="no such probe"):
         load_probe(tmp_path / "missing.npz")
-    with pytest.raises(QvecError, match="at least 1 image"):
+    with pytest.raises(QvecError, match=r"the probe size \(--probe-size\) must be at least 1, got 0"):
         load_probe("noise", 0)
 
 

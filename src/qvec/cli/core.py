@@ -3,26 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
-from qvec.cli import app
+from qvec.cli import app, make_console, output_file
 from qvec.cli.options import QuantizerFlags, takes
-from qvec.core.checkpoint import Checkpoint
 from qvec.core.errors import QvecError
-from qvec.core.inspect import describe
-from qvec.core.schema import META_DONOR
-from qvec.models import families, get_adapter, with_model
-from qvec.quant.pack import load_packed, pack_checkpoint
-from qvec.quant.presets import PRESETS
-from qvec.quant.ptq import quantize_checkpoint
-from qvec.vectors.selection import choose_donor
-from qvec.vectors.vector import QuantVector
 
-out = Console()
+if TYPE_CHECKING:  # the library is imported inside the commands: `qvec --help` loads no torch
+    from qvec.core.checkpoint import Checkpoint
+
+out = make_console()
 
 InProj = Annotated[
     bool,
@@ -43,6 +35,9 @@ AllowFp = Annotated[
 
 def load_checkpoint(path: Path, model: str | None = None) -> Checkpoint:
     """Load a checkpoint; ``model`` names the architecture of a file without a qvec header (a plain state dict)."""
+    from qvec.core.checkpoint import Checkpoint
+    from qvec.models import with_model
+
     ckpt = Checkpoint.load(path)
     return with_model(ckpt, model) if model else ckpt
 
@@ -66,6 +61,9 @@ def extract(
     in_proj: InProj = True,
 ) -> None:
     """Extract the donor's quantization vector tau = theta_QAT - theta_FT (backbone only)."""
+    output_file(output, ft, qat)  # before the library loads: a refused output costs no import
+    from qvec.vectors.vector import QuantVector
+
     vec = QuantVector.from_checkpoints(
         load_checkpoint(ft, model), load_checkpoint(qat, model), allow_fingerprint_mismatch,
         check_roles=not ignore_headers, coverage=coverage, targets=in_proj,
@@ -102,6 +100,13 @@ def patch(
     candidate's score are printed and recorded in the output's header."""
     if donor not in ("mean", "choose"):
         raise QvecError(f"--donor must be mean or choose, got {donor!r}")
+    output_file(output, receiver, *vector, probe if probe and probe != "noise" else None,
+                q.calib if q.calib and q.calib != "noise" else None)
+    from qvec.core.checkpoint import Checkpoint
+    from qvec.core.schema import META_DONOR
+    from qvec.vectors.selection import choose_donor
+    from qvec.vectors.vector import QuantVector
+
     vecs = [QuantVector.load(v) for v in vector]
     ckpt = load_checkpoint(receiver, model)
     if lam.strip().lower() != "auto":
@@ -147,6 +152,8 @@ def parse_lambda(text: str) -> float:
 
 
 def _print_choice(choice) -> None:
+    from rich.table import Table
+
     t = Table(title=f"lambda rule {choice.rule} ({choice.metric or 'fixed'}; uses {choice.uses or 'nothing'})")
     donors = list(choice.scores)
     lams = sorted({lam for by in choice.scores.values() for lam in by})
@@ -176,6 +183,9 @@ def quantize(
 ) -> None:
     """Post-training quantization with any quantizer (a preset, RTN, clip search, HQQ, or GPTQ with --calib):
     write a fake-quantized float checkpoint."""
+    output_file(output, input, q.calib if q.calib != "noise" else None)
+    from qvec.quant.ptq import quantize_checkpoint
+
     spec = q.config()
     quantized = quantize_checkpoint(load_checkpoint(input, model), spec, targets=in_proj,
                                     calibration=q.calib, calibration_size=q.calib_size)
@@ -194,6 +204,9 @@ def pack(
     model: ModelOpt = None,
 ) -> None:
     """Write a real low-bit checkpoint: bit-packed integer codes, fp16 scales, other tensors as is."""
+    output_file(output, input, q.calib if q.calib != "noise" else None)
+    from qvec.quant.pack import pack_checkpoint
+
     r = pack_checkpoint(load_checkpoint(input, model), q.config(), output, targets=in_proj,
                         scale_dtype=scale_dtype, calibration=q.calib, calibration_size=q.calib_size)
     out.print(
@@ -209,6 +222,9 @@ def unpack(
     output: Output,
 ) -> None:
     """Dequantize a packed checkpoint into a float checkpoint any PyTorch code can load."""
+    output_file(output, input)
+    from qvec.quant.pack import load_packed
+
     ckpt = load_packed(input)
     ckpt.save(output)
     out.print(f"wrote {output}")
@@ -221,6 +237,12 @@ def inspect(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
 ) -> None:
     """Show what a file holds: kind, metadata, keys, shapes, dtypes, norms."""
+    from rich.table import Table
+
+    from qvec.core.inspect import describe
+
+    if limit < 0:
+        raise QvecError(f"--limit must be at least 0 (0 lists every tensor), got {limit}")
     s = describe(file)
     if as_json:
         print(s.to_json())
@@ -250,6 +272,10 @@ def presets(
                                       "MLP weight has 384).")] = 384,
 ) -> None:
     """List the named quantizers (--preset), with their stored bits per weight."""
+    from rich.table import Table
+
+    from qvec.quant.presets import PRESETS
+
     t = Table("preset", "quantizer", "bits/weight", "data", "what it is", box=None)
     for name, p in PRESETS.items():
         cfg = p.config(bits)
@@ -261,6 +287,8 @@ def presets(
 @app.command()
 def models(family: Annotated[str | None, typer.Argument(help="A family to list architectures of.")] = None) -> None:
     """List model families, or the architectures of one family."""
+    from qvec.models import families, get_adapter
+
     if family is None:
         for f in families():
             out.print(f)

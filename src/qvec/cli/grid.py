@@ -10,14 +10,13 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
-from qvec.cli import app
+from qvec.cli import app, make_console, output_file
 from qvec.cli.options import takes
 from qvec.core.errors import QvecError
 
-out = Console()
-err = Console(stderr=True)
+out = make_console()
+err = make_console(stderr=True)
 
 grid_app = typer.Typer(help="Donor x receiver experiment grids: run, plan, export.", no_args_is_help=True)
 reproduce_app = typer.Typer(help="Reproduce the studies shipped with qvec.", no_args_is_help=True)
@@ -186,10 +185,10 @@ def grid_theory(
 ) -> None:
     """Check Proposition 1 on a study: predicted lambda* and recovery with H = I and H = the receiver's diagonal
     Fisher, against the measured ones (Spearman). Uses the receiver's own QAT and data: not a zero-shot rule."""
+    from qvec.core.limits import check_count
     from qvec.grid.theory import fisher_check
 
-    if examples < 1:
-        raise QvecError(f"--examples must be at least 1, got {examples}")
+    check_count(examples, "--examples", 1)
     study = StudyFlags(db=db, artifacts=artifacts, data=data, workdir=workdir)
     cfg = study.load(config)
     db, artifacts = study.paths(cfg)
@@ -227,12 +226,15 @@ def grid_export(
     study: Annotated[str | None, typer.Option("--study", help="Only this study's rows (default: all).")] = None,
 ) -> None:
     """Export results to CSV and/or Parquet."""
-    from qvec.grid.store import ResultStore
-
     if csv is None and parquet is None:
         raise QvecError("give --csv PATH and/or --parquet PATH")
-    if not db.is_file():
-        raise QvecError(f"{db}: no such results database")
+    for path in (csv, parquet):
+        if path is not None:
+            output_file(path, db)
+    if csv is not None and parquet is not None and csv.resolve() == parquet.resolve():
+        raise QvecError(f"{csv}: given as both --csv and --parquet; give two paths")
+    from qvec.grid.store import ResultStore
+
     with ResultStore(db, create=False) as store:
         if study is not None:
             store.resolve_study(study)
@@ -250,12 +252,15 @@ def report_cmd(
     study: Annotated[str | None, typer.Option("--study", help="Study to report (default: the latest).")] = None,
 ) -> None:
     """Write the study's tables (Markdown, CSV), figures (PNG, SVG) and report.md."""
-    from qvec.grid.report import write_report
+    from qvec.core.checkpoint import require_file
+    from qvec.grid.report import partial_note, write_report
 
-    if not db.is_file():
-        raise QvecError(f"{db}: no such results database")
+    require_file(db, "results database")
     path = write_report(db, output, study)
     out.print(f"wrote {path} (tables .md/.csv, figures .png/.svg in {output})")
+    note = partial_note(db, study)
+    if note:
+        err.print(f"note: {note}", highlight=False, markup=False)
 
 
 def _print_study(run) -> None:

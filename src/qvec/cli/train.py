@@ -5,27 +5,20 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
-from qvec.cli import app
+from qvec.cli import app, make_console, output_file
 from qvec.cli.options import QuantizerFlags, takes
-from qvec.core.checkpoint import Checkpoint
 from qvec.core.errors import QvecError
-from qvec.data.tasks import get_task, resolve_data_dir, task_summaries
-from qvec.models import ModelSpec, parse_model_name, with_model
-from qvec.quant import QuantSpec
-from qvec.train.evaluate import EvalResult, check_checkpoint_task
-from qvec.train.recipe import DEFAULT_PROFILE, PRETRAINED_PROFILES, SMALL_PROFILES, Recipe
-from qvec.train.trainer import finetune as _finetune
-from qvec.train.trainer import pretrain as _pretrain
-from qvec.vectors.measure import Bench, measure
-from qvec.vectors.signals import make_signal
+from qvec.train.recipe import DEFAULT_PROFILE, PRETRAINED_PROFILES, SMALL_PROFILES, Recipe  # no torch: for --help
 
-out = Console()
+if TYPE_CHECKING:  # the library is imported inside the commands: `qvec --help` loads no torch
+    from qvec.core.checkpoint import Checkpoint
+    from qvec.models import ModelSpec
+
+out = make_console()
 
 DataDir = Annotated[
     Path | None, typer.Option("--data", "-d", help="Folder of task .npz files (default: $QVEC_DATA).")
@@ -58,8 +51,9 @@ Device = Annotated[str, typer.Option("--device", help="auto (GPU if any), cpu, c
 
 def _set_threads(n: int | None) -> None:
     if n is not None:
-        if n < 1:
-            raise QvecError(f"--threads must be >= 1, got {n}")
+        from qvec.core.limits import check_count, max_threads
+
+        check_count(n, "--threads", 1, max_threads())
         import torch
 
         torch.set_num_threads(n)
@@ -99,6 +93,8 @@ class RecipeFlags:
 def _model_spec(name: str, pretrained: str | None = None, img_size: int | None = None) -> ModelSpec:
     """Parse --model (and --pretrained, a family's weights tag such as OpenCLIP's ``openai``, and --img-size, the
     input size a ViT is built for)."""
+    from qvec.models import parse_model_name
+
     options: dict = {"pretrained": pretrained} if pretrained else {}
     if img_size is not None:
         if img_size < 1:
@@ -110,6 +106,10 @@ def _model_spec(name: str, pretrained: str | None = None, img_size: int | None =
 @app.command("tasks")
 def tasks_cmd(data: DataDir = None) -> None:
     """List the tasks: local .npz files of the data folder, then the paper's Hugging Face tasks."""
+    from rich.table import Table
+
+    from qvec.data.tasks import resolve_data_dir, task_summaries
+
     table = Table("task", "classes", "train", "test", "paper epochs", "source")
     for r in task_summaries(data):
         table.add_row(r.name, str(r.num_classes), str(r.n_train or "-"), str(r.n_test or "-"),
@@ -130,6 +130,9 @@ def pretrain(
     flags: RecipeFlags = RecipeFlags(),
 ) -> None:
     """Pretrain theta_0 (the shared backbone) on a JPEG corpus; resumable (rerun the same command)."""
+    from qvec.train.trainer import pretrain as _pretrain
+
+    output_file(output, data_file)
     _set_threads(flags.threads)
     spec = _model_spec(model)
     r = flags.recipe_for(Recipe.for_pretraining(spec, profile), profile)
@@ -163,6 +166,11 @@ def finetune(
     flags: RecipeFlags = RecipeFlags(),
 ) -> None:
     """Fine-tune from theta_0: FT, or QAT with --qat (same recipe and seed); resumable (rerun the same command)."""
+    from qvec.data.tasks import get_task
+    from qvec.quant import QuantSpec
+    from qvec.train.trainer import finetune as _finetune
+
+    output_file(output, init, weights)
     _set_threads(flags.threads)
     spec = _model_spec(model, pretrained, img_size)
     t = get_task(task, data)
@@ -207,6 +215,18 @@ def eval_cmd(
 ) -> None:
     """Top-1 of a checkpoint on a task split, in float or after PTQ with any quantizer (--bits, --preset,
     --method), with throughput."""
+    from qvec.core.checkpoint import Checkpoint
+    from qvec.core.limits import check_count
+    from qvec.data.tasks import get_task
+    from qvec.models import with_model
+    from qvec.train.evaluate import EvalResult, check_checkpoint_task
+    from qvec.vectors.measure import Bench, measure
+    from qvec.vectors.signals import make_signal
+
+    if batch_size is not None:
+        check_count(batch_size, "--batch-size", 1)
+    if limit is not None:
+        check_count(limit, "--limit", 1)
     _set_threads(threads)
     if split not in ("train", "val", "test"):
         raise QvecError(f"unknown split {split!r}; known: train, val, test")

@@ -20,8 +20,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from qvec import __version__
-from qvec.core.atomic import atomic_path
+from qvec.core.atomic import atomic_path, file_kind, note_input
 from qvec.core.errors import QvecError
+from qvec.core.limits import check_fits
 from qvec.core.schema import (  # noqa: F401  (the header keys live in qvec.schema; imported from here by other modules)
     FORMAT_CHECKPOINT,
     META_CLASSES,
@@ -84,18 +85,28 @@ def _shares_storage(t: torch.Tensor) -> bool:
     return t.untyped_storage().nbytes() != t.numel() * t.element_size()
 
 
-def require_file(path: Path) -> None:
-    """A readable file at ``path``, or a one-line QvecError saying what is there instead."""
-    if path.is_dir():
-        raise QvecError(f"{path}: is a directory, not a file")
+def require_file(path: str | os.PathLike, what: str = "file") -> Path:
+    """A readable regular file at ``path`` (recorded as an input of the running command: no output may replace
+    it), or a one-line QvecError saying what is there instead (``is a directory, not a config file``)."""
+    path = Path(path)
+    kind = file_kind(path)
+    if kind is not None:
+        raise QvecError(f"{path}: is {kind}, not a {what}")
     if not path.is_file():
-        raise QvecError(f"{path}: no such file")
+        raise QvecError(f"{path}: no such {what}")
+    note_input(path)
+    return path
+
+
+def check_file_fits(path: Path, factor: float = 1.0) -> None:
+    """Loading a file whole takes about its size (times ``factor``) in memory: refuse one the machine cannot hold."""
+    check_fits(path.stat().st_size * factor, f"{path}: loading this {path.stat().st_size:,}-byte file")
 
 
 def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and metadata of a safetensors file; a missing, truncated or corrupt file is a QvecError."""
-    path = Path(path)
-    require_file(path)
+    path = require_file(path)
+    check_file_fits(path)
     try:
         from safetensors import safe_open
 
@@ -116,7 +127,7 @@ def read_any_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 def read_torch_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A PyTorch ``.pt``/``.bin`` state dict, loaded with ``weights_only=True`` (no arbitrary pickle code)."""
-    require_file(Path(path))
+    check_file_fits(require_file(path))
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for corrupt or unsafe files

@@ -45,7 +45,7 @@ META_FINGERPRINT = "qvec.backbone_fingerprint"  # sha256 of theta_0's backbone t
 META_CLASSES = "qvec.classes"  # JSON list of class names
 META_RECIPE = "qvec.recipe"  # training recipe JSON (train.py)
 META_TRAIN_SECONDS = "qvec.train_seconds"  # training wall time (train.py)
-META_INIT = "qvec.init"  # the weights a fine-tune started from, when not theta_0 (train.py)
+META_INIT = "qvec.init"  # file name of the weights a fine-tune started from, when not theta_0 (train.py; no path)
 META_INCLUDE_IN_PROJ = "qvec.include_in_proj"  # whether fused q/k/v in_proj weights were QAT targets (train.py)
 META_PATCH = "qvec.patch"  # JSON {"donor", "lambda"} of a patched checkpoint (QuantVector.apply)
 # lambda chosen by a label-free rule (selection.LambdaChoice.to_meta; ``qvec patch --lam auto``)

@@ -16,6 +16,9 @@ from qvec.core.errors import QvecError
 _FAMILIES: dict[str, None] = {}
 #: Name lists of built-in architectures: a bare name in this list means family ``qvec``, otherwise ``timm``.
 _BARE_NAMES: list[Callable[[], Iterable[str]]] = []
+#: Called before a name is parsed: ``qvec.models`` puts its registry's loader here, so that the family modules
+#: (imported on first use) have registered their names.
+_FAMILY_LOADERS: list[Callable[[], object]] = []
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,8 @@ class ModelSpec:
     @classmethod
     def parse(cls, text: str, num_classes: int = 0, **options) -> ModelSpec:
         """``family:name`` (``timm:vit_base_patch16_224``, ``qvec:vit-mini``); a bare name means timm."""
+        for load in _FAMILY_LOADERS:
+            load()
         family, sep, name = text.partition(":")
         if not sep:
             family, name = ("qvec", text) if text in {n for f in _BARE_NAMES for n in f()} else ("timm", text)

@@ -14,7 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from qvec.core.atomic import note_input
 from qvec.core.errors import QvecError
+from qvec.core.limits import check_count, check_fits
+from qvec.data.files import decode_rgb, npz_array, open_npz
 from qvec.data.tasks import load_jpeg_corpus, normalize, resize_batch
 
 NOISE = "noise"
@@ -41,6 +44,9 @@ class ProbeSet:
         """The images preprocessed for a model's :class:`qvec.models.DataConfig` (computed once, cached)."""
         key = (config.image_size, tuple(config.mean), tuple(config.std), config.interpolation)
         if key not in self._cache:
+            check_fits(4 * len(self) * 3 * config.image_size ** 2,
+                       f"{self.name}: {len(self):,} images preprocessed to 3x{config.image_size}x{config.image_size} "
+                       "floats", "use fewer images (--probe-size, --calib-size)")
             out = []
             for s in range(0, len(self), 512):
                 x = self.images[s : s + 512].float().div_(255.0)
@@ -70,21 +76,22 @@ def _subset(x: torch.Tensor, n: int, seed: int) -> torch.Tensor:
 
 def noise_probe(n: int, size: int = 32, seed: int = 0) -> ProbeSet:
     """Uniform noise images (what ``--probe noise`` means): a probe that needs no data at all."""
+    check_count(n, "the probe size (--probe-size)", 1, unit="images")
+    check_count(size, "the noise image size", MIN_PROBE_SIDE, unit="pixels")
+    check_fits(n * 3 * size * size, f"a noise probe of {n:,} images of 3x{size}x{size}",
+               "ask for fewer images (--probe-size)")
     g = torch.Generator().manual_seed(seed)
     return ProbeSet(NOISE, torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8), NOISE)
 
 
 def _from_npz(path: Path) -> torch.Tensor:
-    try:
-        d = np.load(path, allow_pickle=False)
-        files = set(d.files)
-    except (OSError, ValueError) as e:
-        raise QvecError(f"{path}: not a readable .npz file ({str(e).splitlines()[0] if str(e) else e!r})") from None
+    d = open_npz(path, "probe file")
+    files = set(d.files)
     if {"jpeg", "offsets"} <= files:  # a pretraining corpus
         return load_jpeg_corpus(path).full_train.images  # type: ignore[attr-defined]
     for name in ("x_train", "x", "images"):
         if name in files:
-            x = d[name]
+            x = npz_array(d, name, path)
             if x.dtype != np.uint8 or x.ndim != 4:
                 raise QvecError(f"{path}: array {name!r} must be uint8 images (N, H, W, 1|3), got {x.dtype} "
                                 f"{x.shape}")
@@ -93,20 +100,17 @@ def _from_npz(path: Path) -> torch.Tensor:
 
 
 def _from_folder(path: Path, n: int, seed: int) -> torch.Tensor:
-    from PIL import Image
-
     files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
         raise QvecError(f"{path}: no images in this probe folder (looked for {', '.join(IMAGE_SUFFIXES)})")
     if n < len(files):
         files = [files[i] for i in np.sort(np.random.default_rng(seed).permutation(len(files))[:n])]
+    check_fits(len(files) * 3 * FOLDER_SIDE ** 2, f"{path}: {len(files):,} probe images at up to "
+               f"{FOLDER_SIDE}x{FOLDER_SIDE}", "ask for fewer images (--probe-size)")
     out = []
     for f in files:
-        try:
-            with Image.open(f) as im:
-                a = np.asarray(im.convert("RGB"), dtype=np.uint8)
-        except OSError as e:
-            raise QvecError(f"{f}: not a readable image ({e})") from None
+        note_input(f)
+        a = decode_rgb(f)
         x = _check_images(torch.from_numpy(a.copy()).permute(2, 0, 1)[None], str(f))
         out.append(_resized_uint8(x, min(FOLDER_SIDE, *x.shape[-2:])))
     side = min(int(x.shape[-1]) for x in out)
@@ -123,8 +127,7 @@ def load_probe(source: str | Path | ProbeSet, n: int = 1000, *, seed: int = 0, n
     folder; ``n`` images drawn by a seeded permutation. Every problem is one :class:`QvecError` naming the path."""
     if isinstance(source, ProbeSet):
         return source
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise QvecError(f"a probe needs at least 1 image, got {n!r}")
+    check_count(n, "the probe size (--probe-size)", 1, unit="images")
     if str(source) == NOISE:
         return noise_probe(n, noise_size, seed)
     path = Path(source).expanduser()

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from qvec.core.atomic import make_folder
 from qvec.core.checkpoint import atomic_path
 from qvec.core.errors import QvecError
 
@@ -311,7 +312,7 @@ def write_suite(
     except ValueError:
         old = {}
     fresh = old.get("params") == params
-    root.mkdir(parents=True, exist_ok=True)
+    make_folder(root)
     for t in names:
         path = root / f"{t}.npz"
         if not (fresh and path.is_file()):

@@ -37,6 +37,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from qvec.core.checkpoint import require_file
 from qvec.core.errors import QvecError
 from qvec.grid.config_check import CALIBRATION_SOURCES, TEST_LAMBDAS, coverage_names, validate
 from qvec.grid.config_model import (
@@ -70,8 +71,7 @@ _GRID_KEYS = ("granularity", "symmetric", "group_size", "full_range")
 def _read_file(path: Path) -> dict:
     if path.is_dir():
         raise QvecError(f"{path}: is a folder; give a config file (.toml, .yaml or .yml)")
-    if not path.is_file():
-        raise QvecError(f"{path}: no such config file")
+    require_file(path, "config file")  # a FIFO or device is named as such; the file is an input of the command
     text = path.read_text()
     try:
         if path.suffix in (".yaml", ".yml"):

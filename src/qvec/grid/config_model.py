@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from qvec.core.errors import QvecError
-from qvec.data.tasks import resolve_data_dir
+from qvec.data.tasks import check_data_dir, resolve_data_dir
 from qvec.models import ModelSpec
 from qvec.quant import QuantizerConfig, QuantSpec, get_quantizer
 from qvec.quant.presets import get_preset
@@ -261,7 +261,10 @@ class GridConfig:
         assert self.pretrain is not None
         cand = self.resolve_path(self.pretrain.data)
         if not cand.is_file() and not os.path.isabs(self.pretrain.data):
-            inside = Path(resolve_data_dir(self.data_path())) / self.pretrain.data
+            folder = resolve_data_dir(self.data_path())
+            if folder is not None:  # a missing data folder is the fault, not the file name inside it
+                check_data_dir(folder)
+            inside = Path(folder) / self.pretrain.data
             if inside.is_file():
                 return inside
         if not cand.is_file():

@@ -20,10 +20,11 @@ is kept among ready jobs, so evaluation cells of one receiver tend to land on th
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Callable, Sequence
 
 from qvec.core.errors import QvecError
+from qvec.core.limits import check_count, check_workers, max_threads
+from qvec.core.progress import stderr_is_terminal
 from qvec.grid.jobs import JobOutput, execute_job
 from qvec.grid.monitor import JobMonitor
 from qvec.grid.plan import Job
@@ -282,14 +283,14 @@ def make_executor(name: str, *, address: str | None = None, num_cpus: int | None
     the torch threads of every local job (default: every CPU for pretraining, an equal share otherwise).
     ``gpus_per_job`` (Ray only) reserves GPUs for each job; jobs then train and evaluate on their GPU.
     """
-    if threads is not None and threads < 1:
-        raise QvecError(f"--threads must be >= 1, got {threads}")
+    if threads is not None:
+        check_count(threads, "--threads", 1, max_threads())
+    if workers is not None:
+        check_workers(workers)
     if name == "local":
         if address:
             raise QvecError("--address is only for --executor ray")
         n = default_workers() if workers is None else workers
-        if n < 1:
-            raise QvecError(f"--workers must be >= 1, got {n}")
         if n == 1:
             if threads is not None:
                 import torch
@@ -303,6 +304,6 @@ def make_executor(name: str, *, address: str | None = None, num_cpus: int | None
         ex = RayExecutor(address=address, num_cpus=num_cpus or workers, gpus_per_job=gpus_per_job)
     else:
         raise QvecError(f"unknown executor {name!r}; choose local or ray")
-    if progress and sys.stderr.isatty():
-        ex.monitor = JobMonitor()
+    if progress:
+        ex.monitor = JobMonitor(lines=not stderr_is_terminal())
     return ex

@@ -2,8 +2,9 @@
 
 Worker processes cannot draw on the driver's terminal, so each training keeps a small progress file beside its
 output (:func:`qvec.train.progress_path`); the driver reads those of the running jobs about once a second. Jobs
-without one (evaluation cells, vectors) show their name and elapsed time. When the output is not a terminal nothing
-is drawn, and the grid's one line per finished job is the record.
+without one (evaluation cells, vectors) show their name and elapsed time. When the output is not a terminal the
+same progress is printed as plain lines, at most one per job every ``$QVEC_PROGRESS_SECONDS`` (a log of a long
+pretraining is not silent), beside the grid's one line per finished job.
 """
 
 from __future__ import annotations
@@ -20,7 +21,15 @@ from qvec.train.trainer import progress_path
 class JobMonitor:
     """Rich progress bars for the jobs in flight; ``update`` adds, advances and removes them."""
 
-    def __init__(self) -> None:
+    def __init__(self, lines: bool = False) -> None:
+        """``lines``: plain progress lines (:class:`qvec.core.progress.LineProgress`), for a log file or pipe."""
+        self._bars: dict[str, int] = {}
+        self._started = False
+        if lines:
+            from qvec.core.progress import LineProgress
+
+            self._progress = LineProgress()
+            return
         from rich.console import Console
         from rich.progress import (
             BarColumn,
@@ -34,8 +43,6 @@ class JobMonitor:
         self._progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                                   TextColumn("{task.fields[ips]}"), TimeElapsedColumn(), TextColumn("eta"),
                                   TimeRemainingColumn(), console=Console(stderr=True), transient=True)
-        self._bars: dict[str, int] = {}
-        self._started = False
 
     def update(self, running: Sequence[Job]) -> None:
         if not self._started:
@@ -52,6 +59,8 @@ class JobMonitor:
             if info:
                 self._progress.update(self._bars[job.id], total=info["total"], completed=info["step"],
                                       ips=f"{info['ips']:.0f} img/s")
+            else:
+                self._progress.update(self._bars[job.id])  # a line mode heartbeat for jobs without steps
 
     def close(self) -> None:
         if self._started:

@@ -17,8 +17,10 @@ import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from qvec.core.atomic import file_kind, make_folder
 from qvec.core.checkpoint import atomic_path
 from qvec.core.errors import QvecError
+from qvec.grid.lock import run_status
 from qvec.grid.render import Table, register_figure, register_table, report_parts, unregister_figure, unregister_table
 from qvec.grid.report_data import (
     NAN,
@@ -46,9 +48,9 @@ from qvec.grid.store import ResultStore
 
 __all__ = [
     "MIN_GAP_POINTS", "NAN", "SEL", "ZS", "Pair", "StudyData", "bars_figure", "baseline_table",
-    "cost_table", "heatmap_figure", "lambda_figure", "load_study", "pooled_recovery", "print_summary",
-    "pipelines_figure", "ptq_loss_figure", "ptq_loss_table", "ptq_verdict", "radar_figure", "recovery_table",
-    "register_figure", "register_table", "summary_table", "unregister_figure", "unregister_table",
+    "cost_table", "heatmap_figure", "lambda_figure", "load_study", "partial_note", "pooled_recovery",
+    "print_summary", "pipelines_figure", "ptq_loss_figure", "ptq_loss_table", "ptq_verdict", "radar_figure",
+    "recovery_table", "register_figure", "register_table", "summary_table", "unregister_figure", "unregister_table",
     "which_pipeline_tables", "wise_table", "write_report",
 ]
 
@@ -115,8 +117,14 @@ def write_report(db: str | os.PathLike, out_dir: str | os.PathLike, study: str |
         data = load_study(store, study)
     if not data.bits:
         raise QvecError(f"study {data.study!r} has no quantized results yet")
-    out.mkdir(parents=True, exist_ok=True)
+    note = partial_note(db, data.study)
+    if out.exists() and not out.is_dir():
+        raise QvecError(f"{out}: is {file_kind(out) or 'a file'}, not a folder; the report is a folder of tables "
+                        "and figures (give a new or existing folder with -o)")
+    make_folder(out)
     md = _header(data, preamble)
+    if note:
+        md[1:1] = ["", f"> **Partial report.** {note}"]
     lead, verdict = ptq_verdict(data)
     md += ["## Summary", "", verdict, ""]
     md += _section(data, "study", out)
@@ -153,6 +161,19 @@ def _view_page(view: StudyData, out: Path, preamble: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text("\n".join(md))
     return path
+
+
+def partial_note(db: str | os.PathLike, study: str | None = None) -> str | None:
+    """One line when ``study`` (default: the latest) is still being run (its lock is held): the report is
+    partial, with its progress."""
+    if study is None:
+        with ResultStore(db, create=False) as store:
+            study = store.resolve_study(None)
+    info = run_status(db, study)
+    if info is None:
+        return None
+    return (f"study {study!r} is still running ({info.who()}): this report is partial, {info.cells_done} of "
+            f"{info.cells_total} cells done")
 
 
 def print_summary(db: str | os.PathLike, study: str | None = None,

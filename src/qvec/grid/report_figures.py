@@ -139,9 +139,7 @@ def radar_figure(data: StudyData, out_dir: Path) -> list[Path]:
             v = np.array([floor if math.isnan(x) else x for x in vals], float)
             loop_a, loop_v = np.append(ang, ang[0]), np.append(v, v[0])
             ax.plot(loop_a, loop_v, lw=1.8, color=_COLOURS[name], label=name, ls="--" if name == "patched λ*" else "-",
-                    marker="o", ms=3)
-            if name in ("FT+PTQ", "QAT+PTQ"):
-                ax.fill(loop_a, loop_v, alpha=0.07, color=_COLOURS[name])
+                    marker="o", ms=3)  # lines only: shaded areas overlap into a grey shape that no legend names
         ax.set_xticks(ang, recvs, fontsize=8)
         ax.tick_params(axis="x", pad=10)
         ax.set_ylim(floor, 100)

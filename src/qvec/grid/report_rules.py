@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qvec.grid.render import Table, nanmean, pyplot, save_figure
-from qvec.vectors.rules import MEAN_DONOR, LambdaRule, get_rule, lam_key
+from qvec.vectors.rules import MEAN_DONOR, LambdaRule, get_rule, lam_key, uses_label
 from qvec.vectors.rules import choices as pair_choices
 
 NAN = float("nan")
@@ -158,7 +158,7 @@ def _split(outs: Sequence[RuleOutcome], domain: Sequence[str]) -> list[tuple[str
 
 
 def rules_tables(outs: Sequence[RuleOutcome], rules: Sequence[LambdaRule], bits: int,
-                 domain: Sequence[str] = ()) -> list[Table]:
+                 domain: Sequence[str] = (), probe: str = "") -> list[Table]:
     """Per rule at one bit-width: mean and median Delta, win %, worst pair, recovery, median lambda, how often it
     refused the vector (lambda = 0) and the receiver-side cost of choosing, per pair."""
     tables = []
@@ -169,7 +169,7 @@ def rules_tables(outs: Sequence[RuleOutcome], rules: Sequence[LambdaRule], bits:
             if not mine:
                 continue
             st = rule_stats(mine)
-            rows.append([r.name, r.uses, st["n"], st["mean"], st["median"], st["win"], st["worst"],
+            rows.append([r.name, uses_label(r, probe), st["n"], st["mean"], st["median"], st["win"], st["worst"],
                          st["recovery"], f"{st['lam']:g}", st["refused"], statistics.median(o.seconds for o in mine)])
         name = f"rules_w{bits}" if i == 0 else f"rules_w{bits}_probe_domain"
         tables.append(Table(
@@ -186,7 +186,7 @@ def rules_tables(outs: Sequence[RuleOutcome], rules: Sequence[LambdaRule], bits:
 
 
 def donor_table(outs: Sequence[RuleOutcome], rules: Sequence[LambdaRule], bits: int,
-                domain: Sequence[str] = ()) -> Table | None:
+                domain: Sequence[str] = (), probe: str = "") -> Table | None:
     """What choosing the donor gains over a single fixed donor, per rule (receivers of the probe's domain out)."""
     at = [o for o in outs if o.bits == bits and o.receiver not in domain and o.donor != o.receiver]
     has_mean = any(o.donor == MEAN_DONOR for o in at)
@@ -203,7 +203,8 @@ def donor_table(outs: Sequence[RuleOutcome], rules: Sequence[LambdaRule], bits: 
         mean_d = [o.delta for o in mine if o.donor == MEAN_DONOR]
         chosen = [o.delta for o in choose_donors(mine, r, with_mean=False)]
         chosen_m = [o.delta for o in choose_donors(mine, r, with_mean=True)] if has_mean else []
-        rows.append([r.name, r.uses, nanmean(o.delta for o in single), best_fixed, nanmean(mean_d) if mean_d else NAN,
+        rows.append([r.name, uses_label(r, probe), nanmean(o.delta for o in single), best_fixed,
+                     nanmean(mean_d) if mean_d else NAN,
                      nanmean(chosen) if chosen else NAN, min(chosen) if chosen else NAN,
                      nanmean(chosen_m) if chosen_m else NAN, min(chosen_m) if chosen_m else NAN])
     if not rows:

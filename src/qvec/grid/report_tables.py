@@ -168,11 +168,16 @@ def _receiver_wise(data: StudyData, bits: int) -> Table:
 def _rules(data: StudyData, bits: int) -> list[Table]:
     """Every lambda rule's outcome (qvec.grid.report_rules), when the study measured more than ``one`` and ``val``."""
     rules, domain = study_rules_domain(data)
-    return rules_tables(data.outcomes, rules, bits, domain) if len(rules) > 2 else []
+    return rules_tables(data.outcomes, rules, bits, domain, _probe(data)) if len(rules) > 2 else []
 
 
 @register_table("donors", scope="bits", order=70)
 def _donors(data: StudyData, bits: int) -> Table | None:
     """The label-free donor choice per receiver (qvec.grid.report_rules), with the rules table."""
     rules, domain = study_rules_domain(data)
-    return donor_table(data.outcomes, rules, bits, domain) if len(rules) > 2 else None
+    return donor_table(data.outcomes, rules, bits, domain, _probe(data)) if len(rules) > 2 else None
+
+
+def _probe(data: StudyData) -> str:
+    """The study's generic probe (``rules.probe``): what its probe rules ran on."""
+    return str(data.config.get("rules", {}).get("probe", ""))

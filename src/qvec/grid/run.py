@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from qvec.core.atomic import check_output, make_folder
 from qvec.core.checkpoint import atomic_path
 from qvec.core.errors import QvecError
 from qvec.core.schema import (
@@ -32,6 +33,7 @@ from qvec.core.schema import (
 from qvec.grid.config import GridConfig
 from qvec.grid.executors import Executor, make_executor
 from qvec.grid.jobs import JobOutput, candidate_keys, is_artifact, job_result_keys, missing_keys
+from qvec.grid.lock import StudyLock
 from qvec.grid.plan import Job, Plan, build_plan
 from qvec.grid.store import JobRecord, ResultStore, Training
 from qvec.models import ModelSpec
@@ -83,7 +85,15 @@ def run_grid(
     """Run (or resume) the study ``config``: every job not yet done, on ``executor`` (default: local workers)."""
     executor = executor or make_executor("local")
     plan = build_plan(config, artifacts)
-    store = ResultStore(db)
+    check_output(db)  # a database is a regular file or a new one, like every output
+    make_folder(Path(db).parent)
+    make_folder(plan.artifacts.root)
+    lock = StudyLock(db, config.name).acquire()  # a second runner of this study stops here, before any work
+    try:
+        store = ResultStore(db)
+    except BaseException:
+        lock.release()
+        raise
     say = log or (lambda _msg: None)
     summary = RunSummary(config.name, str(store.path), str(plan.artifacts.root), plan.counts())
     t0 = time.perf_counter()
@@ -104,14 +114,20 @@ def run_grid(
                 return job
             return replace(job, params={**job.params, "known": lookup(candidate_keys(job))})
 
-        on_done = _Recorder(config.name, store, lookup, summary, say, len(pending))
+        cells = [j for j in plan.jobs if j.kind == "cells"]
+        lock.update(jobs_done=summary.skipped, jobs_total=len(plan.jobs), cells_total=len(cells),
+                    cells_done=sum(status[j.id] == "done" for j in cells))
+        on_done = _Recorder(config.name, store, lookup, summary, say, len(pending), lock)
         executor.run(pending, dispatch, on_done)
     finally:
-        plan.artifacts.link_by_name({j.id: Path(j.params["out"]) for j in plan.jobs
-                                     if is_artifact(j) and j.params.get("out")}, config.name)
-        _record_trainings(plan, store)
-        summary.seconds = time.perf_counter() - t0
-        store.close()
+        try:
+            plan.artifacts.link_by_name({j.id: Path(j.params["out"]) for j in plan.jobs
+                                         if is_artifact(j) and j.params.get("out")}, config.name)
+            _record_trainings(plan, store)
+            summary.seconds = time.perf_counter() - t0
+            store.close()
+        finally:
+            lock.release()
     return summary
 
 
@@ -126,10 +142,14 @@ class _Recorder:
     summary: RunSummary
     say: Callable[[str], None]
     total: int
+    lock: StudyLock | None = None
     handled: int = 0
 
     def __call__(self, job: Job, out: JobOutput) -> None:
         self.handled += 1
+        if self.lock is not None:
+            info = self.lock.info
+            self.lock.update(jobs_done=info.jobs_done + 1, cells_done=info.cells_done + (job.kind == "cells"))
         p, summary = job.params, self.summary
         label = p.get("label", job.id)
         if out.reused:  # another process finished the artifact first: nothing was executed here

@@ -30,7 +30,8 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 from qvec import __version__
-from qvec.core.checkpoint import atomic_path
+from qvec.core.atomic import check_output
+from qvec.core.checkpoint import atomic_path, require_file
 from qvec.core.errors import QvecError
 
 #: The database schema this code writes, kept in ``PRAGMA user_version``. An older database is migrated on open,
@@ -228,12 +229,11 @@ class ResultStore:
         an older schema is migrated in place (:data:`MIGRATIONS`); one of a newer schema is refused."""
         self.path = Path(path)
         if not create:
-            if self.path.is_dir():
-                raise QvecError(f"{self.path}: is a directory, not a results database")
-            if not self.path.is_file():
-                raise QvecError(f"{self.path}: no such results database")
+            require_file(self.path, "results database")  # a directory, FIFO or device is named as such
             if self.path.stat().st_size == 0:
                 raise QvecError(f"{self.path}: empty file, not a results database")
+        else:
+            check_output(self.path)  # the output policy: a regular file or a new one
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.conn = sqlite3.connect(str(self.path), timeout=60.0, isolation_level=None)

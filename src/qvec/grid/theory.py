@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from qvec.core.atomic import make_folder
 from qvec.core.checkpoint import Checkpoint
 from qvec.core.errors import QvecError
 from qvec.data.tasks import get_task
@@ -90,6 +91,6 @@ def fisher_check(config: GridConfig, db: str | Path, artifacts: str | Path, bits
         f"I {rho_rec['I']:+.2f}, Fisher {rho_rec['Fisher']:+.2f} ({len(rows)} pairs). Uses the receiver's own "
         "QAT and data: a check of the theory, not a zero-shot rule.", digits=3)
     if out_dir is not None:
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        make_folder(out_dir)
         table.write(Path(out_dir))
     return TheoryCheck(bits, len(rows), rho_lam, rho_rec, table)

@@ -9,7 +9,6 @@ from torch import nn
 from qvec.core.checkpoint import Checkpoint
 from qvec.core.errors import QvecError
 from qvec.core.schema import META_MODEL
-from qvec.models import hf, open_clip, timm_vit  # noqa: F401  (registers the timm, qvec, open_clip, hf-clip, hf-vit families)
 from qvec.models.base import DataConfig, ModelAdapter, ModelSpec, builtin_names, families, get_adapter, register_adapter
 from qvec.models.loading import load_state_strict
 
@@ -28,14 +27,24 @@ __all__ = [
 
 
 def build_model(spec: ModelSpec, pretrained: bool = False, weights: str | None = None) -> nn.Module:
-    """Build a model of ``spec`` (randomly initialised unless ``pretrained`` or ``weights``)."""
+    """Build a model of ``spec`` (randomly initialised unless ``pretrained`` or ``weights``). Its options and size
+    are checked on the meta device first (:mod:`qvec.models.guard`): an unknown option, or a model larger than
+    the memory available, is one line before anything is allocated."""
+    from qvec.models.guard import check_model_fits, meta_build
+
+    check_model_fits(meta_build(spec), str(spec))
     return get_adapter(spec).build(spec, pretrained=pretrained, weights=weights)
 
 
 def load_model(ckpt: Checkpoint, spec: ModelSpec | None = None) -> tuple[nn.Module, ModelAdapter, ModelSpec]:
-    """Rebuild the model a checkpoint holds (architecture from its header unless ``spec`` is given)."""
+    """Rebuild the model a checkpoint holds (architecture from its header unless ``spec`` is given). The header is
+    not trusted: options, size, keys and shapes are checked against the file's own tensors on the meta device
+    before the model is built (:mod:`qvec.models.guard`)."""
+    from qvec.models.guard import check_model_fits, meta_build
+
     spec = spec or ckpt.model_spec
     adapter = get_adapter(spec)
+    check_model_fits(meta_build(spec, ckpt.state, ckpt.name()), ckpt.name())
     model = adapter.build(spec, pretrained=False)
     load_state_strict(model, ckpt.state, ckpt.name())
     model.eval()

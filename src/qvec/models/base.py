@@ -4,17 +4,24 @@ An adapter says how to build a model (randomly initialised or with pretrained we
 are the classification head (never part of a quantization vector, never quantized), which modules are the
 quantization targets, and how inputs are preprocessed. Families register themselves by name, as timm does for
 architectures, so a checkpoint's header (``family:name``) is enough to rebuild its model.
+
+The families live in a :class:`qvec.core.registry.Registry` whose built-ins are the family modules (timm and qvec's
+own ViTs, OpenCLIP, Hugging Face): they are imported on the first lookup, not when qvec is, so a command that
+builds no model never pays for importing timm or transformers.
 """
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
+from collections.abc import Collection
 
 import torch
 from torch import nn
 
 from qvec.core.errors import QvecError
-from qvec.core.spec import _BARE_NAMES, _FAMILIES, DataConfig, ModelSpec  # noqa: F401  (re-exported: the models' API)
+from qvec.core.registry import Registry
+from qvec.core.spec import _BARE_NAMES, _FAMILIES, _FAMILY_LOADERS, DataConfig, ModelSpec  # noqa: F401  (re-exported)
 
 
 class ModelAdapter(ABC):
@@ -54,18 +61,33 @@ class ModelAdapter(ABC):
     def check_spec(self, spec: ModelSpec) -> None:
         """Raise a one-line QvecError when ``spec`` cannot be built (unknown name, bad options, an input size the
         patch grid cannot take), before any work starts. Families that build without network do it on the meta
-        device (no memory, no weights); the default checks nothing."""
+        device (no memory, no weights); the default checks the option names only."""
+        self.check_options(spec)
+
+    def option_names(self, spec: ModelSpec) -> Collection[str] | None:
+        """The option keys a spec of this family may carry (the arguments its constructor takes), or None when
+        only building can tell (the constructor then refuses an unknown one)."""
         return None
 
+    def check_options(self, spec: ModelSpec) -> None:
+        """Option keys must be known to the family (:meth:`option_names`); the values are the constructor's to
+        check, on the meta device (:func:`qvec.models.guard.meta_build`)."""
+        known = self.option_names(spec)
+        if known is None:
+            return
+        unknown = sorted(k for k in spec.options if k not in known)
+        if unknown:
+            import difflib
+
+            close = difflib.get_close_matches(str(unknown[0]), sorted(known), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise QvecError(f"{spec}: unknown model option {unknown[0]!r}{hint}; {self.family} models take "
+                            f"{', '.join(sorted(known)) or 'no options'}")
+
     def _check_by_meta_build(self, spec: ModelSpec) -> None:
-        try:
-            with torch.device("meta"):
-                self.build(spec.with_classes(spec.num_classes or 2), pretrained=False)
-        except QvecError:
-            raise
-        except Exception as e:  # a constructor's own complaint about an option
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise QvecError(f"cannot build {spec} with options {spec.options}: {first[:200]}") from None
+        from qvec.models.guard import meta_build
+
+        meta_build(spec.with_classes(spec.num_classes or 2))
 
     def filter_state(self, state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
         """Adapt a pretrained state dict to ``model`` before loading (timm: resample the position embedding to
@@ -85,29 +107,41 @@ class ModelAdapter(ABC):
         return None
 
 
-_REGISTRY: dict[str, ModelAdapter] = {}
+def constructor_options(cls: type, *, exclude: Collection[str] = ("self", "num_classes", "device", "dtype")
+                        ) -> frozenset[str]:
+    """The keyword arguments ``cls(...)`` takes (what a spec's options may name), less those qvec sets itself."""
+    params = inspect.signature(cls.__init__).parameters.values()
+    return frozenset(p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+                     and p.name not in exclude)
+
+
+#: Model families by name; the built-in family modules are imported on the first lookup.
+ADAPTERS: Registry[ModelAdapter] = Registry(
+    "model family", builtins=("qvec.models.timm_vit", "qvec.models.open_clip", "qvec.models.hf"),
+    plural="model families")
+_FAMILY_LOADERS.append(ADAPTERS.names)  # ModelSpec.parse knows the families without importing qvec.models
 
 
 def register_adapter(adapter_cls: type[ModelAdapter]) -> type[ModelAdapter]:
     """Class decorator: make a family available by its ``family`` name (to ``get_adapter`` and ModelSpec.parse)."""
-    _REGISTRY[adapter_cls.family] = adapter_cls()
+    ADAPTERS.register(adapter_cls.family, adapter_cls())
     _FAMILIES[adapter_cls.family] = None
     return adapter_cls
 
 
 def get_adapter(family: str | ModelSpec) -> ModelAdapter:
+    """The adapter of a family (or of a spec's family); an unknown name is one line listing the known ones."""
     name = family.family if isinstance(family, ModelSpec) else family
-    if name not in _REGISTRY:
-        raise QvecError(f"unknown model family {name!r}; known: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name]
+    return ADAPTERS.get(name)
 
 
 def families() -> list[str]:
-    return sorted(_REGISTRY)
+    return sorted(ADAPTERS.names())
 
 
 _BUILTIN_NAMES = _BARE_NAMES
 
 
 def builtin_names() -> list[str]:
+    ADAPTERS.names()  # the family modules add their bare names when imported
     return [n for f in _BUILTIN_NAMES for n in f()]

@@ -1,16 +1,26 @@
-"""timm Vision Transformers (any ``timm`` ViT by name) and qvec's built-in small ViTs for 32x32 inputs."""
+"""timm Vision Transformers (any ``timm`` ViT by name) and qvec's built-in small ViTs for 32x32 inputs.
+
+timm is imported on first use (:func:`_timm`): importing it takes seconds, and a command that builds no model, or
+``qvec --help``, must not wait for it.
+"""
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Collection
 
-import timm
 import torch
-from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from qvec.core.errors import QvecError
-from qvec.models.base import _BUILTIN_NAMES, DataConfig, ModelAdapter, ModelSpec, register_adapter
+from qvec.models.base import (
+    _BUILTIN_NAMES,
+    DataConfig,
+    ModelAdapter,
+    ModelSpec,
+    constructor_options,
+    register_adapter,
+)
 from qvec.models.hub import offline_error, require_weights_file
 from qvec.models.loading import load_backbone_weights
 
@@ -24,16 +34,32 @@ SMALL_VITS: dict[str, dict] = {
 }
 SMALL_VIT_MEAN = (0.5, 0.5, 0.5)
 SMALL_VIT_STD = (0.5, 0.5, 0.5)
+_SMALL_DEFAULTS = dict(img_size=32, patch_size=4, mlp_ratio=4.0, class_token=True, global_pool="token")
 
 
-def build_small_vit(name: str, num_classes: int, **overrides) -> VisionTransformer:
+def _timm():
+    """``timm``, imported on first use."""
+    import timm
+
+    return timm
+
+
+def _vision_transformer() -> type:
+    from timm.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer
+
+
+def build_small_vit(name: str, num_classes: int, **overrides) -> nn.Module:
     """A timm ``VisionTransformer`` sized for 32x32 images (``name`` from :data:`SMALL_VITS`)."""
     if name not in SMALL_VITS:
         raise QvecError(f"unknown built-in model {name!r}; known: {', '.join(SMALL_VITS)}")
-    cfg = dict(img_size=32, patch_size=4, mlp_ratio=4.0, class_token=True, global_pool="token")
-    cfg.update(SMALL_VITS[name])
-    cfg.update(overrides)
-    return VisionTransformer(num_classes=num_classes, **cfg)
+    cfg = {**_SMALL_DEFAULTS, **SMALL_VITS[name], **overrides}
+    width, heads = cfg.get("embed_dim"), cfg.get("num_heads")
+    if isinstance(width, int) and isinstance(heads, int) and heads > 0 and width % heads:
+        raise QvecError(f"qvec:{name}: width embed_dim = {width} is not divisible by num_heads = {heads} "
+                        f"(each head takes embed_dim / num_heads channels)")
+    return _vision_transformer()(num_classes=num_classes, **cfg)
 
 
 @register_adapter
@@ -59,6 +85,9 @@ class SmallViTAdapter(ModelAdapter):
 
     def check_spec(self, spec: ModelSpec) -> None:
         self._check_by_meta_build(spec)
+
+    def option_names(self, spec: ModelSpec) -> Collection[str]:
+        return constructor_options(_vision_transformer())
 
     def names(self) -> list[str]:
         return list(SMALL_VITS)
@@ -94,7 +123,7 @@ class TimmAdapter(ModelAdapter):
         try:
             if weights:
                 require_weights_file(weights)
-            model = _check_patch_grid(timm.create_model(spec.name, pretrained=pretrained and not weights, **kwargs),
+            model = _check_patch_grid(_timm().create_model(spec.name, pretrained=pretrained and not weights, **kwargs),
                                       spec)
         except RuntimeError as e:
             if "Unknown model" in str(e):
@@ -121,6 +150,7 @@ class TimmAdapter(ModelAdapter):
 
     def data_config(self, spec: ModelSpec, model: nn.Module | None = None) -> DataConfig:
         """timm's data config (mean, std, interpolation) at the size the model was built for (``img_size``)."""
+        timm = _timm()
         if model is None:
             model = timm.create_model(spec.name, pretrained=False, num_classes=spec.num_classes or 0, **spec.options)
         cfg = timm.data.resolve_data_config({}, model=model)
@@ -131,4 +161,4 @@ class TimmAdapter(ModelAdapter):
         return DataConfig(size, tuple(cfg["mean"]), tuple(cfg["std"]), cfg.get("interpolation", "bicubic"))
 
     def names(self) -> list[str]:
-        return timm.list_models("vit_*")
+        return _timm().list_models("vit_*")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from qvec.core.errors import QvecError
+from qvec.core.limits import check_fits
 from qvec.core.spec import DataConfig
 from qvec.data.probe import ProbeSet, load_probe
 
@@ -41,6 +42,8 @@ def calibration_images(source: torch.Tensor | ProbeSet | str, n: int, config: Da
     if isinstance(n, bool) or not isinstance(n, int) or n < MIN_CALIBRATION_IMAGES:
         raise QvecError(f"{label} needs at least {MIN_CALIBRATION_IMAGES} calibration images, got {n!r} "
                         "(--calib-size)")
+    check_fits(4 * n * 3 * config.image_size ** 2, f"--calib-size {n:,}: calibration images of "
+               f"3x{config.image_size}x{config.image_size} floats", "ask for fewer (--calib-size)")
     if isinstance(source, torch.Tensor):
         x, record = source, {"source": "tensor", "images": len(source)}
     else:

@@ -16,8 +16,9 @@ Three families of grid:
 
 from __future__ import annotations
 
+import math
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Literal
@@ -106,6 +107,24 @@ def suggest_group_sizes(cols: int, limit: int = 3) -> list[int]:
     good = [g for g in (32, 64, 128, 256) if cols % g == 0]
     good += [g for g in range(16, min(cols, 1024) + 1) if cols % g == 0 and g not in good]
     return good[:limit]
+
+
+def check_group_size(spec: QuantSpec, shapes: Mapping[str, Sequence[int]], source: str = "") -> None:
+    """Group quantization needs a group size that divides the input dimension of every target: refuse before any
+    work, in one line, suggesting sizes that divide them all (not only the first weight that fails)."""
+    if spec.granularity != "group":
+        return
+    cols = {k: math.prod(s[1:]) for k, s in shapes.items() if len(s) >= 2}
+    bad = [k for k, c in cols.items() if c % spec.group_size]
+    if not bad:
+        return
+    sizes = suggest_group_sizes(math.gcd(*cols.values()))
+    hint = (f"; try --group-size {' or '.join(map(str, sizes))} (they divide every target)" if sizes
+            else "; no group size of 16 or more divides every target (use --granularity channel)")
+    more = f" (and {len(bad) - 1} other weight{'s' if len(bad) > 2 else ''})" if len(bad) > 1 else ""
+    where = f"{source}: " if source else ""
+    raise QvecError(f"{where}group_size {spec.group_size} does not divide the input dimension {cols[bad[0]]} of "
+                    f"{bad[0]} {tuple(shapes[bad[0]])}{more}{hint}")
 
 
 def grouped_view(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:

@@ -13,6 +13,7 @@ about 1e-4, or huge ones) keeps its scales in fp32.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,21 +112,34 @@ def pack_state(
     return out, shapes
 
 
+def _check_packed_header(shapes: object, dtypes: object) -> None:
+    """The header's shapes drive allocation: a mapping of key -> list of whole numbers >= 0, and dtypes a mapping,
+    before anything is unpacked (a lying header is one line, not a traceback)."""
+    if not isinstance(shapes, dict) or not isinstance(dtypes, dict):
+        raise QvecError("packed checkpoint header is malformed (shapes and dtypes must be mappings)")
+    for k, shape in shapes.items():
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                                  for d in shape):
+            raise QvecError(f"packed checkpoint header is malformed (shape of {k!r} must be a list of whole numbers "
+                            f">= 0, got {shape!r})")
+
+
 def unpack_state(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> dict[str, torch.Tensor]:
     """Dequantize a packed checkpoint's tensors back to a float state dict (original keys and shapes)."""
     try:
         info = json.loads(meta[META_PACKED])
         quant = QuantSpec.from_dict(info["quant"])
         shapes, dtypes = info["shapes"], info["dtypes"]
-    except (KeyError, ValueError, TypeError) as e:
+    except (KeyError, ValueError, TypeError, AttributeError) as e:
         raise QvecError(f"packed checkpoint header is malformed ({e})") from None
+    _check_packed_header(shapes, dtypes)
     suffixes = (CODES, SCALE, ZERO)
     state = {k: v for k, v in tensors.items() if not k.endswith(suffixes)}
     for k, shape in shapes.items():
         for suffix in (CODES, SCALE):
             if k + suffix not in tensors:
                 raise QvecError(f"packed checkpoint lacks tensor {k + suffix!r}")
-        count = int(np.prod(shape))
+        count = math.prod(shape)
         levels = torch.from_numpy(unpack_bits(tensors[k + CODES].numpy(), quant.bits, count))
         scale = tensors[k + SCALE]
         rows = scale.shape[0]
@@ -209,6 +223,9 @@ def load_packed(path: str | os.PathLike) -> Checkpoint:
         state = unpack_state(tensors, meta)
     except QvecError as e:
         raise QvecError(f"{path}: {e}") from None
+    except (RuntimeError, ValueError, IndexError, TypeError) as e:  # tensors that contradict the header
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise QvecError(f"{path}: packed tensors do not match the header ({first})") from None
     out_meta = {k: v for k, v in meta.items() if k not in (META_FORMAT, META_PACKED)}
     if META_MODEL not in out_meta:
         raise QvecError(f"{path}: packed checkpoint has no model spec in its header")

@@ -14,31 +14,32 @@ from qvec.data.probe import ProbeSet
 from qvec.models import ModelSpec, get_adapter, load_model
 from qvec.quant.base import QParams, QuantizerConfig, as_quantizer, quantize_
 from qvec.quant.calibration import calibration_images, check_calibration
-from qvec.quant.grid import NonFiniteWeightError, QuantSpec
+from qvec.quant.grid import NonFiniteWeightError, QuantSpec, check_group_size
 from qvec.quant.rtn import quantize_state_dict_
 from qvec.quant.targets import ALL_TARGETS, TargetFilter
 
 
-def meta_model(spec: ModelSpec):
-    """A model of ``spec`` built on the meta device (no memory, no weights), for its keys and shapes."""
-    adapter = get_adapter(spec)
-    try:
-        with torch.device("meta"):
-            return adapter.build(spec, pretrained=False)
-    except (NotImplementedError, RuntimeError):  # a family whose init cannot run on meta tensors
-        return adapter.build(spec, pretrained=False)
+def meta_model(spec: ModelSpec, state: dict | None = None, source: str | None = None):
+    """A model of ``spec`` built on the meta device (no memory, no weights), for its keys and shapes; its options
+    and size are checked first, against ``state`` when given (:func:`qvec.models.guard.meta_build`)."""
+    from qvec.models.guard import meta_build
+
+    return meta_build(spec, state, source, match_state=False)
 
 
-def target_shapes(spec: ModelSpec, targets: TargetFilter | bool = ALL_TARGETS) -> dict[str, tuple[int, ...]]:
-    """State-dict key -> shape of every weight PTQ quantizes in a model of ``spec``."""
-    model = meta_model(spec)
+def target_shapes(spec: ModelSpec, targets: TargetFilter | bool = ALL_TARGETS, state: dict | None = None,
+                  source: str | None = None) -> dict[str, tuple[int, ...]]:
+    """State-dict key -> shape of every weight PTQ quantizes in a model of ``spec`` (sized by ``state``, the
+    tensors of the file ``source``)."""
+    model = meta_model(spec, state, source)
     found = TargetFilter.of(targets).find(model, get_adapter(spec).head_prefixes)
     return {t.key: tuple(t.weight.shape) for t in found}
 
 
-def target_keys(spec: ModelSpec, targets: TargetFilter | bool = ALL_TARGETS) -> list[str]:
+def target_keys(spec: ModelSpec, targets: TargetFilter | bool = ALL_TARGETS, state: dict | None = None,
+                source: str | None = None) -> list[str]:
     """State-dict keys of the weights PTQ quantizes for a model of ``spec``."""
-    return list(target_shapes(spec, targets))
+    return list(target_shapes(spec, targets, state, source))
 
 
 @dataclass
@@ -69,10 +70,11 @@ def quantize_checkpoint(
     result keeps float tensors, so any PyTorch code can run it; ``qvec pack`` stores the real low-bit codes.
     """
     quant, targets, spec = as_quantizer(quant), TargetFilter.of(targets), spec or ckpt.model_spec
-    keys = target_keys(spec, targets)
+    keys = target_keys(spec, targets, ckpt.state, ckpt.name())
     missing = [k for k in keys if k not in ckpt.state]
     if missing:
         raise QvecError(f"{ckpt.name()}: quantization target {missing[0]!r} is not in the checkpoint (is it a {spec}?)")
+    check_group_size(quant.grid, {k: tuple(ckpt.state[k].shape) for k in keys}, ckpt.name())
     record = {**quant.to_dict(), "include_in_proj": targets.in_proj, **({"skip": list(targets.skip)}
                                                                         if targets.skip else {})}
     try:

@@ -18,6 +18,7 @@ from torch import nn
 
 from qvec.core.checkpoint import META_CLASSES, Checkpoint
 from qvec.core.errors import QvecError
+from qvec.core.limits import check_batch, check_count
 from qvec.data.tasks import Task, normalize
 from qvec.models import DataConfig, ModelSpec, get_adapter, load_model
 from qvec.quant import QuantizerConfig, quantize_
@@ -156,8 +157,10 @@ def evaluate(
     """
     config = _input_config(model, task, config)
     ds = task.split(split)  # type: ignore[arg-type]
-    if limit is not None and (isinstance(limit, bool) or limit < 1):
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise QvecError(f"limit must be a positive number of images, got {limit}")
+    if batch_size is not None:
+        check_count(batch_size, "--batch-size", 1)
     n = len(ds) if limit is None else min(limit, len(ds))
     labels = ds.labels[:n]
     cached = ds.tensors(config, max_bytes=cache_max_bytes) if n else None
@@ -167,6 +170,7 @@ def evaluate(
     labels = labels.to(device)
     if batch_size is None:
         batch_size = GPU_EVAL_BATCH if device.type == "cuda" else CPU_EVAL_BATCH
+    check_batch(min(batch_size, max(n, 1)), config.image_size)  # a batch never holds more than the n images
     correct = 0
     t0 = time.perf_counter()
     try:

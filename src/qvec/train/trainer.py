@@ -28,8 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qvec.core.atomic import check_output, file_kind
 from qvec.core.checkpoint import Checkpoint, atomic_path, fingerprint_tensors
 from qvec.core.errors import QvecError
+from qvec.core.limits import check_batch
 from qvec.core.schema import (  # grid.run imports META_RECIPE, META_TRAIN_SECONDS and META_INCLUDE_IN_PROJ from here
     META_CLASSES,
     META_FINGERPRINT,
@@ -80,7 +82,8 @@ class _ProgressFile:
                 pass  # progress is a courtesy: a full disk shows up where the checkpoint is written
 
     def close(self) -> None:
-        self.path.unlink(missing_ok=True)
+        if file_kind(self.path) is None:  # a regular file (ours) or nothing: never unlink a FIFO or device
+            self.path.unlink(missing_ok=True)
 
 
 def log_path_for(out: str | Path) -> Path:
@@ -200,8 +203,15 @@ def _val_accuracy(job: _Job, quant: QuantSpec | QuantizerConfig | None) -> float
 
 
 def _progress(enabled: bool, total_steps: int, done_steps: int, title: str):
+    """A live bar on a terminal; plain lines every so often when stderr is a file or pipe (a log is never silent
+    through a long training: :mod:`qvec.core.progress`)."""
     if not enabled:
         return None, None
+    from qvec.core.progress import LineProgress, stderr_is_terminal
+
+    if not stderr_is_terminal():
+        bar = LineProgress()
+        return bar, bar.add_task(title, total=total_steps, completed=done_steps, loss="-", ips="-")
     from rich.console import Console
     from rich.progress import (
         BarColumn,
@@ -242,6 +252,7 @@ def _plan(job: _Job) -> _Plan:
     if n == 0:
         raise QvecError(f"task {task.name!r} has no training examples")
     config = job.adapter.data_config(job.spec, job.model)
+    check_batch(min(recipe.micro_batch, n), config.image_size, "the training batch (--batch-size)", training=True)
     return _Plan(train_split, n, config, math.ceil(n / recipe.batch_size), recipe.epochs_for(n))
 
 
@@ -352,6 +363,8 @@ def _save_checkpoint(job: _Job, train_seconds: float, log: dict, spath: Path) ->
 
 
 def _train(job: _Job, resume: bool = True, on_epoch: Callable[[int], None] | None = None) -> Checkpoint:
+    for path in (job.out, state_path(job.out), job.log_path, progress_path(job.out)):  # before any training
+        check_output(path)  # every file the run writes: regular or new (never a FIFO, device or directory)
     recipe, plan = job.recipe, _plan(job)
     job.model.to(job.device)
     params = trainable_parameters(job.model)
@@ -415,7 +428,7 @@ def _finetune_meta(task: Task, qat: QuantSpec | None, fingerprint: str, targets:
     if qat is not None:
         meta[META_QUANT] = json.dumps(qat.to_dict())
     if init is not None:
-        meta[META_INIT] = str(init)
+        meta[META_INIT] = Path(init).name  # a name, not a local path; the weights are identified by the fingerprint
     return meta
 
 

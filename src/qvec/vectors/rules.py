@@ -236,3 +236,13 @@ def choices(rules: Iterable[LambdaRule], val: Mapping[float, float],
             if by:
                 out[r.name] = r.choose(by)
     return out
+
+
+def uses_label(rule: LambdaRule, probe: str = "") -> str:
+    """What receiver-side data a rule used, as tables and ``qvec patch`` say it: a probe rule run on a noise probe
+    used generated noise, not generic images."""
+    from qvec.data.probe import NOISE  # here, not at the top: this module loads without torch
+
+    if rule.uses == USES_GENERIC and str(probe).strip().lower() == NOISE:
+        return "nothing (noise probe)"
+    return rule.uses

@@ -30,7 +30,7 @@ from qvec.data.tasks import Task
 from qvec.quant import QuantizerConfig, QuantSpec
 from qvec.quant.targets import ALL_TARGETS, TargetFilter
 from qvec.vectors.measure import Bench
-from qvec.vectors.rules import DEFAULT_LAMBDAS, MEAN_DONOR, LambdaRule, get_rule
+from qvec.vectors.rules import DEFAULT_LAMBDAS, MEAN_DONOR, LambdaRule, get_rule, uses_label
 from qvec.vectors.signals import ImageAgreement, Signal, make_signal
 from qvec.vectors.vector import QuantVector
 
@@ -164,7 +164,7 @@ def choose_donor(
         donor = min(best, key=lambda d: (sign * scores[d][best[d]], order.index(d)))
         lam = best[donor]
     probe_name = signal.source_name(bench) if isinstance(signal, ImageAgreement) else ""
-    return LambdaChoice(rule.name, rule.metric, lam, donor, scores, secs, probe_name, rule.uses)
+    return LambdaChoice(rule.name, rule.metric, lam, donor, scores, secs, probe_name, uses_label(rule, probe_name))
 
 
 def choose_lambda(

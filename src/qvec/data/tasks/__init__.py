@@ -21,35 +21,52 @@ One module per job, all re-exported here (import from ``qvec.tasks``):
 * :mod:`~qvec.tasks.transforms`: :func:`resize_batch` and :func:`normalize`, a model's preprocessing.
 """
 
-from qvec.data.tasks.catalogue import (
-    DATA_ENV,
-    HF_ROOT_ENV,
-    PAPER_TASKS,
-    PaperTask,
-    TaskInfo,
-    list_tasks,
-    local_task_files,
-    locate_task,
-    paper_task,
-    resolve_data_dir,
-    task_summaries,
-)
-from qvec.data.tasks.loaders import NPZ_ARRAYS, load_hf_task, load_jpeg_corpus, load_npz_task
-from qvec.data.tasks.registry import get_task
-from qvec.data.tasks.splits import (
-    SPLITS,
-    VAL_FRACTION,
-    VAL_MAX,
-    VAL_SEED,
-    ArraySplit,
-    HFSplit,
-    SplitName,
-    SubsetSplit,
-    Task,
-    TaskSplit,
-    validation_indices,
-)
-from qvec.data.tasks.transforms import normalize, resize_batch
+import importlib
+
+# Names are imported on first use (PEP 562), so that the catalogue (which tasks exist) loads without torch.
+_EXPORTS = {
+    "DATA_ENV": "qvec.data.tasks.catalogue",
+    "HF_ROOT_ENV": "qvec.data.tasks.catalogue",
+    "PAPER_TASKS": "qvec.data.tasks.catalogue",
+    "PaperTask": "qvec.data.tasks.catalogue",
+    "TaskInfo": "qvec.data.tasks.catalogue",
+    "list_tasks": "qvec.data.tasks.catalogue",
+    "local_task_files": "qvec.data.tasks.catalogue",
+    "locate_task": "qvec.data.tasks.catalogue",
+    "paper_task": "qvec.data.tasks.catalogue",
+    "resolve_data_dir": "qvec.data.tasks.catalogue",
+    "check_data_dir": "qvec.data.tasks.catalogue",
+    "task_summaries": "qvec.data.tasks.catalogue",
+    "NPZ_ARRAYS": "qvec.data.tasks.loaders",
+    "load_hf_task": "qvec.data.tasks.loaders",
+    "load_jpeg_corpus": "qvec.data.tasks.loaders",
+    "load_npz_task": "qvec.data.tasks.loaders",
+    "get_task": "qvec.data.tasks.registry",
+    "SPLITS": "qvec.data.tasks.splits",
+    "VAL_FRACTION": "qvec.data.tasks.splits",
+    "VAL_MAX": "qvec.data.tasks.splits",
+    "VAL_SEED": "qvec.data.tasks.splits",
+    "ArraySplit": "qvec.data.tasks.splits",
+    "HFSplit": "qvec.data.tasks.splits",
+    "SplitName": "qvec.data.tasks.splits",
+    "SubsetSplit": "qvec.data.tasks.splits",
+    "Task": "qvec.data.tasks.splits",
+    "TaskSplit": "qvec.data.tasks.splits",
+    "validation_indices": "qvec.data.tasks.splits",
+    "normalize": "qvec.data.tasks.transforms",
+    "resize_batch": "qvec.data.tasks.transforms",
+}
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
+
 
 __all__ = [
     "DATA_ENV",
@@ -79,6 +96,7 @@ __all__ = [
     "paper_task",
     "resize_batch",
     "resolve_data_dir",
+    "check_data_dir",
     "task_summaries",
     "validation_indices",
 ]

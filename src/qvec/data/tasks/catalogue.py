@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import os
 import re
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
 
 from qvec.core.errors import QvecError
 
@@ -96,20 +95,34 @@ def resolve_data_dir(data_dir: str | Path | None) -> Path | None:
     return Path(d) if d is not None else None
 
 
+def check_data_dir(d: str | Path) -> Path:
+    """A data folder that is one, or a line saying what is there instead and where the name came from."""
+    d = Path(d)
+    if d.is_dir():
+        return d
+    came = f"${DATA_ENV}" if os.environ.get(DATA_ENV) and Path(os.environ[DATA_ENV]) == d else "--data"
+    if d.exists() or d.is_symlink():
+        from qvec.core.atomic import file_kind
+
+        raise QvecError(f"{d}: is {file_kind(d) or 'a file'}, not a data folder (set {came} to the folder of "
+                        "task .npz files)")
+    raise QvecError(f"{d}: data folder does not exist (set {came} to the folder of task .npz files)")
+
+
 def local_task_files(data_dir: str | Path | None) -> dict[str, Path]:
     """Task name -> ``.npz`` file for every task file (one with ``x_train``) in the data folder."""
     d = resolve_data_dir(data_dir)
     if d is None:
         return {}
-    if not d.is_dir():
-        raise QvecError(f"{d}: data folder does not exist (set --data or ${DATA_ENV})")
+    check_data_dir(d)
     out = {}
     for p in sorted(d.glob("*.npz")):
         try:
-            with np.load(p, allow_pickle=False) as z:
-                if "x_train" in z.files or "x_test" in z.files:
-                    out[p.stem] = p
-        except (OSError, ValueError):
+            with zipfile.ZipFile(p) as z:
+                names = set(z.namelist())
+            if "x_train.npy" in names or "x_test.npy" in names:
+                out[p.stem] = p
+        except (OSError, ValueError, zipfile.BadZipFile, EOFError):
             out[p.stem] = p  # unreadable: reported when the task is loaded
     return out
 
@@ -141,11 +154,12 @@ def task_summaries(data_dir: str | Path | None = None) -> list[TaskInfo]:
     for name in list_tasks(data_dir):
         pt = paper_task(name)
         if name in local:
-            try:
-                with np.load(local[name], allow_pickle=False) as z:
-                    k, ntr, nte = len(z["classes"]), len(z["y_train"]), len(z["y_test"])
-            except (OSError, ValueError, KeyError) as e:
-                raise QvecError(f"{local[name]}: not a valid task file ({e})") from None
+            from qvec.data.files import npz_array, open_npz
+
+            with open_npz(local[name], "task file") as z:
+                if not {"classes", "y_train", "y_test"} <= set(z.files):
+                    raise QvecError(f"{local[name]}: not a valid task file (it needs classes, y_train, y_test)")
+                k, ntr, nte = (len(npz_array(z, a, local[name])) for a in ("classes", "y_train", "y_test"))
             rows.append(TaskInfo(name, k, pt.epochs if pt else None, str(local[name]), ntr, nte))
         else:
             pt = PAPER_TASKS[name]

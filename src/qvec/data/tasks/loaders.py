@@ -10,7 +10,6 @@ kept in one per-process cache (:func:`cached`), shared with :func:`qvec.tasks.ge
 
 from __future__ import annotations
 
-import io
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from qvec.core.checkpoint import require_file
 from qvec.core.errors import QvecError
+from qvec.data.files import decode_rgb, npz_array, open_npz
 from qvec.data.tasks.catalogue import paper_task
 from qvec.data.tasks.splits import ArraySplit, HFSplit, Task, TaskSplit
 
@@ -59,20 +60,17 @@ def load_npz_task(path: str | Path, name: str | None = None) -> Task:
     """A task from one ``.npz`` file of the data README's format (grayscale expanded to 3 channels)."""
     path = Path(path)
     name = name or path.stem
-    if not path.is_file():
-        raise QvecError(f"{path}: no such task file")
-    try:
-        d = np.load(path, allow_pickle=False)
-        files = set(d.files)
-    except (OSError, ValueError) as e:
-        raise QvecError(f"{path}: not a readable .npz file ({str(e).splitlines()[0] if str(e) else e!r})") from None
+    d = open_npz(path, "task file")
+    files = set(d.files)
     for a in NPZ_ARRAYS:
         if a not in files:
             raise QvecError(f"{path}: missing array {a!r} (a task file needs {', '.join(NPZ_ARRAYS)})")
-    classes = [str(c) for c in d["classes"].tolist()]
+    classes = [str(c) for c in npz_array(d, "classes", path).tolist()]
     splits = {}
     for which in ("train", "test"):
-        x, y = d[f"x_{which}"], d[f"y_{which}"]
+        x, y = npz_array(d, f"x_{which}", path), npz_array(d, f"y_{which}", path)
+        if y.dtype.kind not in "iu":
+            raise QvecError(f"{path}: y_{which} must hold integer class labels, got dtype {y.dtype}")
         if len(x) != len(y):
             raise QvecError(f"{path}: x_{which} has {len(x)} images but y_{which} has {len(y)} labels")
         _check_labels(y, len(classes), f"{path}: y_{which}")
@@ -151,36 +149,31 @@ def load_jpeg_corpus(path: str | Path, name: str = "pretrain") -> Task:
 
     Decoded once per process (a few seconds for 40,000 images); never written back to disk.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise QvecError(f"{path}: no such pretraining file")
+    path = require_file(path, "pretraining file")
     stat = path.stat()
     key = ("jpeg", str(path.resolve()), stat.st_mtime_ns, stat.st_size)
     with _CACHE_LOCK:
         if key in _TASK_CACHE:
             return _TASK_CACHE[key]
-    from PIL import Image
-
-    try:
-        d = np.load(path, allow_pickle=False)
-        files = set(d.files)
-    except (OSError, ValueError) as e:
-        raise QvecError(f"{path}: not a readable .npz file ({e})") from None
+    d = open_npz(path, "pretraining file")
+    files = set(d.files)
     for a in ("jpeg", "offsets", "y", "classes"):
         if a not in files:
             raise QvecError(f"{path}: missing array {a!r} (a pretraining file needs jpeg, offsets, y, classes)")
-    jpeg, off, y = d["jpeg"], d["offsets"], d["y"].astype(np.int64)
-    classes = [str(c) for c in d["classes"].tolist()]
+    jpeg, off = npz_array(d, "jpeg", path), npz_array(d, "offsets", path)
+    y = npz_array(d, "y", path)
+    if y.dtype.kind not in "iu" or off.dtype.kind not in "iu":
+        raise QvecError(f"{path}: y and offsets must be integer arrays, got {y.dtype} and {off.dtype}")
+    y = y.astype(np.int64)
+    classes = [str(c) for c in npz_array(d, "classes", path).tolist()]
     if len(off) != len(y) + 1:
         raise QvecError(f"{path}: offsets has {len(off)} entries, expected len(y) + 1 = {len(y) + 1}")
     _check_labels(y, len(classes), f"{path}: y")
+    if len(off) and (int(off.min()) < 0 or int(off.max()) > len(jpeg) or bool((np.diff(off) < 0).any())):
+        raise QvecError(f"{path}: offsets must rise from 0 to at most {len(jpeg)} (the jpeg byte count)")
     imgs = []
     for i in range(len(y)):
-        try:
-            im = Image.open(io.BytesIO(jpeg[off[i] : off[i + 1]].tobytes())).convert("RGB")
-        except OSError as e:
-            raise QvecError(f"{path}: image {i} is not a decodable JPEG ({e})") from None
-        imgs.append(np.asarray(im, dtype=np.uint8))
+        imgs.append(decode_rgb(jpeg[off[i] : off[i + 1]].tobytes(), f"{path}: image {i}"))
     if len({a.shape for a in imgs}) > 1:
         raise QvecError(f"{path}: images have different sizes")
     x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous()

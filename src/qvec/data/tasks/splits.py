@@ -11,7 +11,6 @@ Validation split (SPEC section 5): 10% of the training set (rounded up), at most
 
 from __future__ import annotations
 
-import io
 import math
 import threading
 from collections.abc import Sequence
@@ -119,16 +118,21 @@ class HFSplit(TaskSplit):
 
     def load(self, indices: Sequence[int] | torch.Tensor, size: int | None = None,
              interpolation: str = "bilinear") -> torch.Tensor:
-        from PIL import Image
+        from qvec.data.files import decode_rgb, max_image_pixels
 
         out = []
         for i in torch.as_tensor(indices, dtype=torch.long).tolist():
             img = self.ds[int(i)][self.image_column]
+            where = f"{self.task}/{self.which} image {int(i)}"
             if isinstance(img, dict) and img.get("bytes") is not None:
-                img = Image.open(io.BytesIO(img["bytes"]))
+                arr = decode_rgb(img["bytes"], where)
             elif isinstance(img, bytes | bytearray):
-                img = Image.open(io.BytesIO(img))
-            arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
+                arr = decode_rgb(bytes(img), where)
+            else:  # already decoded by datasets
+                if img.size[0] * img.size[1] > max_image_pixels():
+                    raise QvecError(f"{where}: image of {img.size[0]}x{img.size[1]} pixels is over the limit of "
+                                    f"{max_image_pixels():,} (QVEC_MAX_IMAGE_PIXELS raises it)")
+                arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
             x = torch.from_numpy(arr.copy()).permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
             out.append(x if size is None else resize_batch(x, size, interpolation))
         if size is None and len({tuple(t.shape) for t in out}) > 1:
