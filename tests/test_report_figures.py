@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from qvec.core.errors import QvecError
-from qvec.grid.render import Table, _plt, _save, register_table, report_parts, unregister_table
+from qvec.grid.render import Table, pyplot, save_figure, register_table, report_parts, unregister_table
 from qvec.grid.report import write_report
 from qvec.grid.report_figures import register_figure, unregister_figure
 
@@ -14,19 +14,19 @@ from .test_report import build_db
 
 
 def _toy_study_figure(data, out_dir):
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(2, 1.5))
     ax.bar(range(len(data.receivers)), [data.base("ft", r) for r in data.receivers])
-    return _save(fig, out_dir, "toy")
+    return save_figure(fig, out_dir, "toy")
 
 
 def _toy_bits_figure(data, bits, out_dir):
     if bits != 3:
         return []
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(2, 1.5))
     ax.plot([p.delta_one for p in data.pairs_at(bits)])
-    return _save(fig, out_dir, f"toy_w{bits}")
+    return save_figure(fig, out_dir, f"toy_w{bits}")
 
 
 def _toy_table(data):

@@ -120,12 +120,7 @@ def patch(
         return
     for v in vecs:  # the header checks of a plain patch (backbone fingerprint, architecture), before any scoring
         v.apply(Checkpoint(dict(ckpt.state), dict(ckpt.meta), ckpt.path), 0.0, allow_fingerprint_mismatch)
-    if donor == "choose":
-        cands = {f"{p.stem}": v for p, v in zip(vector, vecs, strict=True)}
-        if len(cands) < len(vecs):
-            cands = {f"{i}:{p.name}": v for i, (p, v) in enumerate(zip(vector, vecs, strict=True))}
-    else:
-        cands = {"vector" if len(vecs) == 1 else "mean": vecs[0] if len(vecs) == 1 else QuantVector.mean(vecs)}
+    cands = _candidates(vector, vecs, donor == "choose")
     choice = choose_donor(ckpt, cands, q.config(), rule=rule, probe=probe, probe_size=probe_size,
                           include_mean=donor == "choose", require_choice=donor == "choose", targets=in_proj,
                           calibration=q.calib, calibration_size=q.calib_size)
@@ -136,6 +131,18 @@ def patch(
     patched.save(output)
     out.print(f"wrote {output}: {receiver.name} + {choice.lam:g} * {choice.donor} (rule {choice.rule}, "
               f"{choice.seconds:.1f} s to choose)")
+
+
+def _candidates(paths: list[Path], vecs: list, choose: bool) -> dict:
+    """The vectors ``patch --lam auto`` scores, by name: each file (``--donor choose``), or one (their mean)."""
+    from qvec.vectors.vector import QuantVector
+
+    if not choose:
+        return {"vector" if len(vecs) == 1 else "mean": vecs[0] if len(vecs) == 1 else QuantVector.mean(vecs)}
+    cands = {f"{p.stem}": v for p, v in zip(paths, vecs, strict=True)}
+    if len(cands) < len(vecs):
+        cands = {f"{i}:{p.name}": v for i, (p, v) in enumerate(zip(paths, vecs, strict=True))}
+    return cands
 
 
 def parse_lambda(text: str) -> float:

@@ -84,11 +84,6 @@ class ModelAdapter(ABC):
             raise QvecError(f"{spec}: unknown model option {unknown[0]!r}{hint}; {self.family} models take "
                             f"{', '.join(sorted(known)) or 'no options'}")
 
-    def _check_by_meta_build(self, spec: ModelSpec) -> None:
-        from qvec.models.guard import meta_build
-
-        meta_build(spec.with_classes(spec.num_classes or 2))
-
     def filter_state(self, state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
         """Adapt a pretrained state dict to ``model`` before loading (timm: resample the position embedding to
         the model's input size, convert foreign layouts); the identity by default."""

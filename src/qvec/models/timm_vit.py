@@ -21,6 +21,7 @@ from qvec.models.base import (
     constructor_options,
     register_adapter,
 )
+from qvec.models.guard import meta_build
 from qvec.models.hub import offline_error, require_weights_file
 from qvec.models.loading import load_backbone_weights
 
@@ -84,7 +85,7 @@ class SmallViTAdapter(ModelAdapter):
         return DataConfig(int(spec.options.get("img_size", 32)), SMALL_VIT_MEAN, SMALL_VIT_STD, "bilinear")
 
     def check_spec(self, spec: ModelSpec) -> None:
-        self._check_by_meta_build(spec)
+        meta_build(spec.with_classes(spec.num_classes or 2))  # options and size, on the meta device
 
     def option_names(self, spec: ModelSpec) -> Collection[str]:
         return constructor_options(_vision_transformer())
@@ -140,7 +141,7 @@ class TimmAdapter(ModelAdapter):
         return model
 
     def check_spec(self, spec: ModelSpec) -> None:
-        self._check_by_meta_build(spec)
+        meta_build(spec.with_classes(spec.num_classes or 2))  # options and size, on the meta device
 
     def filter_state(self, state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
         """The state through the checkpoint filter of the model's timm module (``checkpoint_filter_fn``), as
