@@ -153,3 +153,5 @@ def test_streamed_calibration_spilled_to_disk_gives_the_same_weights(monkeypatch
     assert on_disk == [2]  # both batches' block inputs lived in files
     assert _equal(reference, spilled)
     assert list(tmp_path.iterdir()) == []
+    with pytest.raises(QvecError, match="needs at least 8 calibration images, got 6"):
+        _nano_gptq(calibration=lambda x: iter(x[:6].split(4)))

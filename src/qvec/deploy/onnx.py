@@ -226,8 +226,9 @@ class ExportReport:
         return text
 
 
-def _graph(model: nn.Module, image_size: int):
-    """The traced ONNX model (an ``onnx.ModelProto``), batch size free."""
+def trace_onnx(model: nn.Module, image_size: int):
+    """``model`` traced to an ``onnx.ModelProto`` (images of ``image_size`` in, batch size free); its NBitsLinear
+    modules become MatMulNBits nodes, everything else what the TorchScript exporter makes of it."""
     onnx = require("onnx")
     f = io.BytesIO()
     x = torch.zeros(1, 3, image_size, image_size)
@@ -237,6 +238,28 @@ def _graph(model: nn.Module, image_size: int):
                           output_names=["logits"], dynamic_axes={"pixels": {0: "batch"}, "logits": {0: "batch"}},
                           custom_opsets={"com.microsoft": 1})
     return onnx.load_from_string(f.getvalue())
+
+
+def _write(proto, out: str | os.PathLike, spec, config, meta: dict[str, str], quant: dict | None) -> None:
+    """``proto`` with qvec's metadata (model, input configuration, task, classes, grid) written atomically."""
+    record = {META_MODEL: spec.to_json(), META_DATA: json.dumps(asdict(config))}
+    record.update({k: meta[k] for k in (META_TASK, META_CLASSES) if k in meta})
+    if quant is not None:
+        record[META_QUANT] = json.dumps(quant)
+    for k, v in record.items():
+        proto.metadata_props.add(key=k, value=v)
+    with atomic_path(out) as tmp:
+        tmp.write_bytes(proto.SerializeToString())
+
+
+def export_float_onnx(ckpt: Checkpoint, out: str | os.PathLike) -> Path:
+    """The float model of ``ckpt`` as ONNX (MatMul / Gemm in float32): the baseline an export is measured against."""
+    require("onnxruntime")
+    prepare = ONNX_FAMILIES.get(ckpt.model_spec.family, "ONNX export family")
+    model, adapter, spec = load_model(ckpt)
+    config = adapter.data_config(spec, model)
+    _write(trace_onnx(prepare(model.eval()), config.image_size), out, spec, config, ckpt.meta, None)
+    return Path(out)
 
 
 def export_onnx(source: QuantizedCheckpoint | Checkpoint | str | os.PathLike, out: str | os.PathLike,
@@ -255,14 +278,8 @@ def export_onnx(source: QuantizedCheckpoint | Checkpoint | str | os.PathLike, ou
     float_bytes = sum(v.numel() * 4 for v in q.state.values() if v.is_floating_point())
     weights = _swap_targets(model, q, accuracy_level)
     config = adapter.data_config(spec, model)
-    proto = _graph(prepare(model.eval()), config.image_size)
-    record = {META_MODEL: spec.to_json(), META_DATA: json.dumps(asdict(config)),
-              META_QUANT: json.dumps({**q.grid.to_dict(), "container_bits": weights[0].bits if weights else None})}
-    record.update({k: q.meta[k] for k in (META_TASK, META_CLASSES) if k in q.meta})
-    for k, v in record.items():
-        proto.metadata_props.add(key=k, value=v)
-    with atomic_path(out) as tmp:
-        tmp.write_bytes(proto.SerializeToString())
+    quant_record = {**q.grid.to_dict(), "container_bits": weights[0].bits if weights else None}
+    _write(trace_onnx(prepare(model.eval()), config.image_size), out, spec, config, q.meta, quant_record)
     return ExportReport(Path(out), Path(out).stat().st_size, float_bytes, len(weights), q.grid.bits,
                         weights[0].bits if weights else q.grid.bits, sum(w.codes.nbytes for w in weights),
                         sum(-(-w.n * w.k * w.grid_bits // 8) for w in weights))

@@ -20,6 +20,7 @@ int4 tinygemm layout (4 bits, asymmetric groups, bf16, CUDA kernels), not to a 2
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -41,7 +42,7 @@ from qvec.quant.blockwise import (
     raise_stop,
     run_block,
 )
-from qvec.quant.calibration import check_calibration
+from qvec.quant.calibration import MIN_CALIBRATION_IMAGES, check_calibration
 from qvec.quant.grid import QuantSpec, compute_qparams, grouped_view
 from qvec.quant.targets import Target
 
@@ -180,12 +181,25 @@ def _collect(members: Sequence[Target], run: Callable[[], None], dtype: torch.dt
     return hess
 
 
+@contextlib.contextmanager
+def _one_thread():
+    """One intra-op thread for the solves: their column loop is thousands of small operations, which a second
+    thread only makes wait on each other (several times slower on a busy 2-core machine; docs/deploy.md)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
 def _quantize_members(members: Sequence[Target], hess: dict[str, _Hessian], config: GPTQConfig,
                       qparams: dict[str, tuple]) -> None:
-    for t in members:
-        q, scale, zero = gptq_weight(t.weight, hess[t.key].h, config)
-        t.weight.copy_(q)
-        qparams[t.key] = (scale, zero)
+    with _one_thread():
+        for t in members:
+            q, scale, zero = gptq_weight(t.weight, hess[t.key].h, config)
+            t.weight.copy_(q)
+            qparams[t.key] = (scale, zero)
 
 
 def _from_images(model: nn.Module, members: Sequence[Target], batches: Callable[[], Iterable[torch.Tensor]],
@@ -300,7 +314,8 @@ def gptq_quantize_(model: nn.Module, config: GPTQConfig, targets: Sequence[Targe
             _from_images(model, groups[n], again, config, qparams, hessian_dtype)
         if chain:
             images = fill_cache(model, model.get_submodule(chain[0]), itertools.chain([first], batches), cache)
-            check_calibration(torch.empty(images, 3, 1, 1), label=label)  # enough images in all
+            if images < MIN_CALIBRATION_IMAGES:
+                raise QvecError(f"{label} needs at least {MIN_CALIBRATION_IMAGES} calibration images, got {images}")
             for name in chain:
                 block = model.get_submodule(name)
                 if name in groups:
