@@ -130,7 +130,8 @@ def speed(spec: ModelSpec, repeats: int, batches: tuple[int, ...], threads: tupl
 
 def accuracy(path: Path, task_name: str, data: str | None, threads: int) -> None:
     from qvec.data.tasks import get_task
-    from qvec.train.evaluate import evaluate_checkpoint, evaluate_onnx
+    from qvec.deploy.runtime import evaluate_onnx
+    from qvec.train.evaluate import evaluate_checkpoint
 
     torch.set_num_threads(threads)
     ckpt = Checkpoint.load(path)

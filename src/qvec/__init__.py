@@ -6,8 +6,8 @@
     choice = choose_lambda(receiver_path, tau, QuantSpec(bits=3), rule="agree", probe="imgs/")  # no labels
 
 The layers, each a subpackage that imports only those below it: :mod:`qvec.core` (errors, registry, files),
-:mod:`qvec.data`, :mod:`qvec.models`, :mod:`qvec.quant`, :mod:`qvec.deploy` (ONNX Runtime export),
-:mod:`qvec.train`, :mod:`qvec.vectors`, :mod:`qvec.grid` (studies) and :mod:`qvec.cli`. Names are imported on
+:mod:`qvec.data`, :mod:`qvec.models`, :mod:`qvec.quant`, :mod:`qvec.train`, :mod:`qvec.vectors`,
+:mod:`qvec.deploy` (ONNX Runtime export), :mod:`qvec.grid` (studies) and :mod:`qvec.cli`. Names are imported on
 first use, so ``import qvec`` (and ``qvec --help``) does not load torch.
 """
 

@@ -18,7 +18,7 @@ from qvec.core.errors import QvecError
 from qvec.data.tasks import get_task, resolve_data_dir, task_summaries
 from qvec.models import ModelSpec, parse_model_name, with_model
 from qvec.quant import QuantSpec
-from qvec.train.evaluate import EvalResult, check_checkpoint_task, evaluate_onnx
+from qvec.train.evaluate import EvalResult, check_checkpoint_task
 from qvec.train.recipe import DEFAULT_PROFILE, PRETRAINED_PROFILES, SMALL_PROFILES, Recipe
 from qvec.train.trainer import finetune as _finetune
 from qvec.train.trainer import pretrain as _pretrain
@@ -216,6 +216,8 @@ def eval_cmd(
     if model.suffix == ".onnx":
         if quant is not None or arch:
             raise QvecError(f"{model} is an exported model: it runs as it is (no quantizer options, no --arch)")
+        from qvec.deploy.runtime import evaluate_onnx
+
         res = evaluate_onnx(model, t, split, threads=threads, batch_size=batch_size, limit=limit)
     else:
         ckpt = Checkpoint.load(model)

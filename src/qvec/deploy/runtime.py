@@ -13,8 +13,10 @@ from torch import nn
 from qvec.core.checkpoint import Checkpoint
 from qvec.core.errors import QvecError
 from qvec.core.spec import DataConfig
+from qvec.data.tasks import Task
 from qvec.deploy import require
 from qvec.deploy.onnx import META_DATA
+from qvec.train.evaluate import EvalResult, check_checkpoint_task, evaluate
 
 
 class OnnxModel(nn.Module):
@@ -48,3 +50,15 @@ class OnnxModel(nn.Module):
 def load_onnx(path: str | os.PathLike, threads: int | None = None) -> OnnxModel:
     """An exported model, ready to evaluate (``threads``: the runtime's intra-op threads; default all cores)."""
     return OnnxModel(path, threads)
+
+
+def evaluate_onnx(path: str | Path, task: Task, split: str = "test", *, threads: int | None = None,
+                  batch_size: int | None = None, limit: int | None = None, progress: bool = False,
+                  check_classes: bool = True) -> EvalResult:
+    """Top-1 of an exported ``.onnx`` (:func:`qvec.deploy.onnx.export_onnx`) run in ONNX Runtime, on the same
+    task, split and preprocessing as the checkpoint it was exported from."""
+    model = load_onnx(path, threads)
+    if check_classes:
+        check_checkpoint_task(model.checkpoint, model.checkpoint.model_spec, task)
+    return evaluate(model, task, split, batch_size=batch_size, limit=limit, progress=progress,
+                    config=model.data_config)

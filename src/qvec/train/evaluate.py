@@ -225,16 +225,3 @@ def evaluate_checkpoint(
     return evaluate(model, task, split, batch_size=batch_size, limit=limit, progress=progress,
                     config=adapter.data_config(spec, model))
 
-
-def evaluate_onnx(path: str | Path, task: Task, split: str = "test", *, threads: int | None = None,
-                  batch_size: int | None = None, limit: int | None = None, progress: bool = False,
-                  check_classes: bool = True) -> EvalResult:
-    """Top-1 of an exported ``.onnx`` (:func:`qvec.deploy.onnx.export_onnx`) run in ONNX Runtime, on the same
-    task, split and preprocessing as the checkpoint it was exported from."""
-    from qvec.deploy.runtime import load_onnx
-
-    model = load_onnx(path, threads)
-    if check_classes:
-        check_checkpoint_task(model.checkpoint, model.checkpoint.model_spec, task)
-    return evaluate(model, task, split, batch_size=batch_size, limit=limit, progress=progress,
-                    config=model.data_config)
