@@ -72,7 +72,7 @@ def bench_model(spec: ModelSpec, repeats: int, bw: float) -> list[tuple[str, flo
     ckpt = Checkpoint(recv, {"qvec.model": spec.to_json()})
     with tempfile.TemporaryDirectory() as d:
         out = Path(d) / "packed.safetensors"
-        t_pack = best_time(lambda: pack_checkpoint(ckpt, spec3, out), 1)
+        t_pack = best_time(lambda: pack_checkpoint(ckpt, spec3, out), repeats)
         report = pack_checkpoint(ckpt, spec3, out)
     rows = [
         ("extract", t_extract, 3 * vbytes),  # read FT and QAT, write the vector

@@ -128,7 +128,7 @@ def speed(spec: ModelSpec, repeats: int, batches: tuple[int, ...], threads: tupl
                     print(f"| {k} | {1e3 * v:.1f} | {b / v:.1f} | {lat['ORT float'] / v:.2f} |")
 
 
-def accuracy(path: Path, task_name: str, data: str | None, threads: int) -> None:
+def accuracy(path: Path, task_name: str, data: str | None, threads: int, limit: int | None) -> None:
     from qvec.data.tasks import get_task
     from qvec.deploy.runtime import evaluate_onnx
     from qvec.train.evaluate import evaluate_checkpoint
@@ -136,18 +136,19 @@ def accuracy(path: Path, task_name: str, data: str | None, threads: int) -> None
     torch.set_num_threads(threads)
     ckpt = Checkpoint.load(path)
     task = get_task(task_name, data)
-    print(f"\n## top-1 of {path.name} ({ckpt.model_spec}) on {task.name}/test; load average {os.getloadavg()}")
+    print(f"\n## top-1 of {path.name} ({ckpt.model_spec}) on {task.name}/test"
+          f"{f' (first {limit} images)' if limit else ''}; load average {os.getloadavg()}")
     print("| model | top-1 % | `qvec eval` of the fake-quantized checkpoint | difference (points) |")
     print("|---|---:|---:|---:|")
-    fp = evaluate_checkpoint(ckpt, task, "test")
+    fp = evaluate_checkpoint(ckpt, task, "test", limit=limit)
     with tempfile.TemporaryDirectory() as d:
         paths = export_all(ckpt, Path(d))
         print(f"| torch float | {100 * fp.accuracy:.2f} | - | - |")
-        print(f"| ORT float | {100 * evaluate_onnx(paths['float'], task, 'test', threads=threads).accuracy:.2f} | - "
-              "| - |")
+        ort_float = evaluate_onnx(paths["float"], task, "test", threads=threads, limit=limit).accuracy
+        print(f"| ORT float | {100 * ort_float:.2f} | - | - |")
         for name, (grid, _) in QUANTIZED.items():
-            fake = evaluate_checkpoint(ckpt, task, "test", quant=grid).accuracy
-            got = evaluate_onnx(paths[name], task, "test", threads=threads).accuracy
+            fake = evaluate_checkpoint(ckpt, task, "test", quant=grid, limit=limit).accuracy
+            got = evaluate_onnx(paths[name], task, "test", threads=threads, limit=limit).accuracy
             print(f"| ORT {name} | {100 * got:.2f} | {100 * fake:.2f} | {100 * (got - fake):+.2f} |")
 
 
@@ -157,6 +158,7 @@ def main() -> None:
     ap.add_argument("--checkpoint", type=Path, default=None, help="fine-tuned checkpoint for the accuracy table")
     ap.add_argument("--task", default="mnist")
     ap.add_argument("--data", default=None, help="folder of task .npz files (default: $QVEC_DATA)")
+    ap.add_argument("--limit", type=int, default=None, help="accuracy on the first N test images only")
     ap.add_argument("--repeats", type=int, default=8)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
@@ -173,7 +175,7 @@ def main() -> None:
     if not args.skip_speed:
         speed(ModelSpec.parse(args.model, num_classes=10), args.repeats, tuple(args.batches), tuple(args.threads))
     if args.checkpoint:
-        accuracy(args.checkpoint, args.task, args.data, max(args.threads))
+        accuracy(args.checkpoint, args.task, args.data, max(args.threads), args.limit)
 
 
 if __name__ == "__main__":
