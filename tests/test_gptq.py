@@ -100,23 +100,58 @@ def test_gptq_config_checks():
     assert str(GPTQConfig(QuantSpec(2))) == "gptq-w2-sym-channel" and GPTQConfig(QuantSpec(2)).grid == QuantSpec(2)
 
 
-def test_calibration_passes_stop_after_the_block_without_changing_the_result(monkeypatch):
-    """Each block's calibration pass ends at that block (its later outputs are unused): same weights as running
-    the whole model every time, in less time."""
-    import qvec.quant.gptq as gptq
+def _nano_gptq(**kwargs) -> dict[str, torch.Tensor]:
     from qvec.models import ModelSpec, build_model, get_adapter
 
     spec = ModelSpec.parse("qvec:vit-nano", num_classes=4)
     torch.manual_seed(0)
-    base = build_model(spec).eval()
+    model = build_model(spec).eval()
     x = torch.rand(16, 3, 32, 32)
-    early, full = copy.deepcopy(base), copy.deepcopy(base)
+    calibration = kwargs.pop("calibration", lambda x: x)(x)
+    quantize_(model, GPTQConfig(QuantSpec(3), **kwargs), find_targets(model, get_adapter(spec).head_prefixes),
+              calibration=calibration)
+    return model.state_dict()
+
+
+def _equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_one_pass_gives_the_weights_of_one_model_pass_per_block(monkeypatch):
+    """The one-pass orchestration (cached block inputs, each quantized block run once) gives exactly the weights
+    of the previous orchestration, a pass of the whole model per block (still used for targets outside a chain of
+    blocks): equal codes, at 3 bits on a fixed case."""
+    import qvec.quant.gptq as gptq
+
     calls = []
-    real = gptq._stop_after
-    monkeypatch.setattr(gptq, "_stop_after", lambda m, b: calls.append(b) or real(m, b))
-    quantize_(early, GPTQConfig(QuantSpec(3)), find_targets(early, get_adapter(spec).head_prefixes), calibration=x)
-    assert calls and all(c.startswith("blocks.") for c in calls)
-    monkeypatch.setattr(gptq, "_stop_after", lambda m, b: None)
-    quantize_(full, GPTQConfig(QuantSpec(3)), find_targets(full, get_adapter(spec).head_prefixes), calibration=x)
-    fs = full.state_dict()
-    assert all(torch.equal(v, fs[k]) for k, v in early.state_dict().items())
+    real = gptq._from_images
+    monkeypatch.setattr(gptq, "_from_images", lambda *a: calls.append(a[2]) or real(*a))
+    one_pass = _nano_gptq()
+    assert not calls  # every target of vit-nano lies in its chain of blocks
+    monkeypatch.setattr(gptq, "_find_chain", lambda *a: ([], []))
+    per_block = _nano_gptq()
+    assert len(calls) == 4  # one group per block, each calibrated by passes of the whole model
+    assert _equal(one_pass, per_block)
+
+
+def test_streamed_calibration_spilled_to_disk_gives_the_same_weights(monkeypatch, tmp_path):
+    """Calibration as an iterable of batches (read once), with every cached block input in a temporary file
+    (``max_cache_bytes=0``): the same weights as from one tensor in memory, and no file left behind."""
+    import tempfile
+
+    import qvec.quant.blockwise as blockwise
+    import qvec.quant.gptq as gptq
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    real, close = gptq.gptq_quantize_, blockwise.BlockCache.close
+    monkeypatch.setattr(gptq, "gptq_quantize_", lambda *a, **k: real(*a, **k, batch_size=8))
+    reference = _nano_gptq()
+    on_disk = []
+    monkeypatch.setattr(blockwise.BlockCache, "close", lambda self: on_disk.append(len(self._on_disk)) or close(self))
+    monkeypatch.setattr(gptq, "gptq_quantize_", lambda *a, **k: real(*a, **k, batch_size=8, max_cache_bytes=0))
+    spilled = _nano_gptq(calibration=lambda x: iter(x.split(8)))
+    assert on_disk == [2]  # both batches' block inputs lived in files
+    assert _equal(reference, spilled)
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(QvecError, match="needs at least 8 calibration images, got 6"):
+        _nano_gptq(calibration=lambda x: iter(x[:6].split(4)))

@@ -11,7 +11,7 @@ import torch
 from qvec.core.checkpoint import read_safetensors
 from qvec.core.errors import QvecError
 from qvec.models import ModelSpec, load_model
-from qvec.quant import RTN, QuantSpec, fake_quantize
+from qvec.quant import RTN, QuantSpec, dequantize_codes, fake_quantize, quantize_codes
 from qvec.quant.pack import (
     CODES,
     SCALE,
@@ -36,6 +36,54 @@ def test_bit_packing_roundtrip_and_density(bits):
     packed = pack_bits(x, bits)
     assert packed.size == -(-1003 * bits // 8)  # really `bits` bits per value
     assert np.array_equal(unpack_bits(packed, bits, 1003), x)
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_bit_stream_format_is_unchanged(bits):
+    """The vectorised packing writes the stream of the original bit-matrix packing (value i at bits i*b..), for
+    every length mod 8 and with bits above ``bits`` in a level dropped."""
+    rng = np.random.default_rng(10 + bits)
+    for n in (0, 1, 7, 8, 9, 8 * 70_000 + 5):
+        x = rng.integers(0, 256, size=n, dtype=np.uint8)
+        bit_matrix = np.unpackbits(x.reshape(-1, 1), axis=1, bitorder="little")[:, :bits]
+        reference = np.packbits(bit_matrix.reshape(-1), bitorder="little")
+        packed = pack_bits(x, bits)
+        assert packed.tobytes() == reference.tobytes(), n
+        assert np.array_equal(unpack_bits(packed, bits, n), x & (2**bits - 1)), n
+
+
+ROUND_TRIP = [QuantSpec(b, symmetric=s) for b in range(2, 9) for s in (True, False)] + [
+    QuantSpec(4, symmetric=False, granularity="group", group_size=16), QuantSpec(3, full_range=True),
+    QuantSpec(2, granularity="tensor")]
+
+
+@pytest.mark.parametrize("quant", ROUND_TRIP, ids=str)
+def test_pack_round_trip_every_grid(quant, tmp_path, nano_spec):
+    """pack then load_packed gives back the fake-quantized weights exactly (fp32 scales), every bit-width 2..8."""
+    ckpt = make_ckpt(nano_spec, 0)
+    ptq = quantize_checkpoint(ckpt, quant)
+    pack_checkpoint(ptq, quant, tmp_path / "p.safetensors", scale_dtype="float32")
+    back = load_packed(tmp_path / "p.safetensors")
+    assert all(torch.equal(back.state[k], ptq.state[k]) for k in ckpt.state)
+
+
+def test_pack_round_trip_float_zero_points(tmp_path, nano_spec):
+    """HQQ's real-valued zero points are stored fp16: the round trip is exact once the zeros are fp16 values."""
+    from qvec.quant.hqq import HQQ
+
+    ckpt = make_ckpt(nano_spec, 0)
+    quant = HQQ(QuantSpec(4, symmetric=False, granularity="group", group_size=16))
+    ptq = quantize_checkpoint(ckpt, quant)
+    key = target_keys(nano_spec)[0]
+    assert not torch.equal(ptq.qparams[key][1], ptq.qparams[key][1].round())  # really float zero points
+    pack_checkpoint(ptq, quant, tmp_path / "p.safetensors", scale_dtype="float32")
+    tensors, _ = read_safetensors(tmp_path / "p.safetensors")
+    assert tensors[key + ZERO].dtype == torch.float16
+    back = load_packed(tmp_path / "p.safetensors")
+    for k, (scale, zero) in ptq.qparams.items():
+        levels = quantize_codes(ptq.state[k], quant.grid, (scale, zero))[0]
+        expected = dequantize_codes(levels, scale, zero.half().float(), quant.grid, ptq.state[k].shape)
+        assert torch.equal(back.state[k], expected), k
 
 
 def test_unpack_rejects_short_stream():

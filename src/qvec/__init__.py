@@ -6,9 +6,9 @@
     choice = choose_lambda(receiver_path, tau, QuantSpec(bits=3), rule="agree", probe="imgs/")  # no labels
 
 The layers, each a subpackage that imports only those below it: :mod:`qvec.core` (errors, registry, files),
-:mod:`qvec.data`, :mod:`qvec.models`, :mod:`qvec.quant`, :mod:`qvec.train`, :mod:`qvec.vectors`, :mod:`qvec.grid`
-(studies) and :mod:`qvec.cli`. Names are imported on first use, so ``import qvec`` (and ``qvec --help``) does not
-load torch.
+:mod:`qvec.data`, :mod:`qvec.models`, :mod:`qvec.quant`, :mod:`qvec.train`, :mod:`qvec.vectors`,
+:mod:`qvec.deploy` (ONNX Runtime export), :mod:`qvec.grid` (studies) and :mod:`qvec.cli`. Names are imported on
+first use, so ``import qvec`` (and ``qvec --help``) does not load torch.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ _EXPORTS = {
     "quantize_": ".quant",
     "quantize_checkpoint": ".quant",
     "pack_checkpoint": ".quant",
+    "export_onnx": ".deploy",
     "load_packed": ".quant",
     "prepare_qat": ".quant",
     "convert_qat": ".quant",

@@ -81,7 +81,7 @@ def _say_folder(line: str) -> None:
 def _register() -> None:
     from qvec.cli import core  # noqa: F401
 
-    for optional in ("train", "grid"):
+    for optional in ("train", "grid", "deploy"):
         try:
             __import__(f"{__name__}.{optional}")
         except ModuleNotFoundError as e:

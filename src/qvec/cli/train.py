@@ -199,7 +199,8 @@ def _report_training(ck: Checkpoint, output: Path) -> None:
 @app.command("eval")
 @takes(q=QuantizerFlags)
 def eval_cmd(
-    model: Annotated[Path, typer.Option("--model", "-m", help="Checkpoint to evaluate.")],
+    model: Annotated[Path, typer.Option("--model", "-m", help="Checkpoint to evaluate, or an exported .onnx (run in "
+                                        "ONNX Runtime).")],
     task: Task,
     split: Annotated[str, typer.Option("--split", help="train, val or test.")] = "test",
     q: QuantizerFlags = QuantizerFlags(),
@@ -214,7 +215,7 @@ def eval_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Top-1 of a checkpoint on a task split, in float or after PTQ with any quantizer (--bits, --preset,
-    --method), with throughput."""
+    --method), or of an exported .onnx in ONNX Runtime, with throughput."""
     from qvec.core.checkpoint import Checkpoint
     from qvec.core.limits import check_count
     from qvec.data.tasks import get_task
@@ -230,15 +231,23 @@ def eval_cmd(
     _set_threads(threads)
     if split not in ("train", "val", "test"):
         raise QvecError(f"unknown split {split!r}; known: train, val, test")
-    ckpt = Checkpoint.load(model)
-    if arch:
-        ckpt = with_model(ckpt, arch)
     t = get_task(task, data)
-    check_checkpoint_task(ckpt, ckpt.model_spec, t)
     quant = q.config() if q.given() else None
-    bench = Bench(ckpt, t, targets=in_proj, batch_size=batch_size)
-    m = measure(bench, make_signal(split, size=limit), quant=quant, calibration=q.calib, calibration_size=q.calib_size)
-    res = EvalResult(m["top1"], round(m["top1"] * m.n), m.n, m.seconds)
+    if model.suffix == ".onnx":
+        if quant is not None or arch:
+            raise QvecError(f"{model} is an exported model: it runs as it is (no quantizer options, no --arch)")
+        from qvec.deploy.runtime import evaluate_onnx
+
+        res = evaluate_onnx(model, t, split, threads=threads, batch_size=batch_size, limit=limit)
+    else:
+        ckpt = Checkpoint.load(model)
+        if arch:
+            ckpt = with_model(ckpt, arch)
+        check_checkpoint_task(ckpt, ckpt.model_spec, t)
+        bench = Bench(ckpt, t, targets=in_proj, batch_size=batch_size)
+        m = measure(bench, make_signal(split, size=limit), quant=quant, calibration=q.calib,
+                    calibration_size=q.calib_size)
+        res = EvalResult(m["top1"], round(m["top1"] * m.n), m.n, m.seconds)
     if as_json:
         print(json.dumps({"checkpoint": str(model), "task": t.name, "split": split,
                           "quant": str(quant) if quant else None, **res.to_dict()}))

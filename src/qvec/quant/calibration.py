@@ -17,16 +17,17 @@ from qvec.data.probe import ProbeSet, load_probe
 MIN_CALIBRATION_IMAGES = 8
 
 
-def check_calibration(calibration: torch.Tensor | None, image_size: int | None = None, label: str = "GPTQ"
-                      ) -> torch.Tensor:
-    """Calibration images must be a finite (N, 3, H, W) float batch of at least MIN_CALIBRATION_IMAGES at the
-    model's input size; every problem is one QvecError naming the quantizer (``label``)."""
+def check_calibration(calibration: torch.Tensor | None, image_size: int | None = None, label: str = "GPTQ",
+                      min_images: int = MIN_CALIBRATION_IMAGES) -> torch.Tensor:
+    """Calibration images must be a finite (N, 3, H, W) float batch of at least ``min_images`` at the model's input
+    size (one batch of a streamed set may be smaller); every problem is one QvecError naming the quantizer
+    (``label``)."""
     if calibration is None or not isinstance(calibration, torch.Tensor) or calibration.numel() == 0:
         raise QvecError(f"{label} needs calibration images (unlabeled inputs: a folder, an .npz or noise); got none")
     if calibration.ndim != 4 or calibration.shape[1] != 3:
         raise QvecError(f"{label} calibration must be images of shape (N, 3, H, W), got {tuple(calibration.shape)}")
-    if len(calibration) < MIN_CALIBRATION_IMAGES:
-        raise QvecError(f"{label} needs at least {MIN_CALIBRATION_IMAGES} calibration images, got {len(calibration)}")
+    if len(calibration) < min_images:
+        raise QvecError(f"{label} needs at least {min_images} calibration images, got {len(calibration)}")
     if image_size is not None and tuple(calibration.shape[-2:]) != (image_size, image_size):
         h, w = calibration.shape[-2:]
         raise QvecError(f"{label} calibration images are {h}x{w}, but the model takes {image_size}x{image_size}")

@@ -7,8 +7,12 @@ as in the published algorithm: damping of H by ``damp`` x mean(diag H), columns 
 RTN's, computed from the original weight (for groups: static groups in the original column order), so the codes
 stay on RTN's grid and ``pack`` stores them in the same packed format.
 
-Targets are processed in depth order, one forward pass per block of the model (targets that share a numbered
-module such as ``blocks.3``): later blocks see the already-quantized earlier ones, as in the reference code.
+Targets are processed in depth order, block by block (targets that share a numbered module such as ``blocks.3``),
+and later blocks see the already-quantized earlier ones, as in the reference code (IST-DASLab ``opt_sequential``):
+the calibration images run through the model once, each block's inputs are cached, the block's targets are
+quantized from the Hessians of those inputs, and the quantized block is run once to make the next block's inputs.
+The layers of one block are all calibrated on the block's float inputs (the reference's default, not AutoGPTQ's
+``true_sequential``). The block-by-block running is :mod:`qvec.quant.blockwise`.
 
 Written here rather than taken from torchao: torchao's GPTQ (``Int4WeightOnlyGPTQQuantizer``) is tied to its
 int4 tinygemm layout (4 bits, asymmetric groups, bf16, CUDA kernels), not to a 2-8-bit symmetric per-channel grid.
@@ -16,7 +20,9 @@ int4 tinygemm layout (4 bits, asymmetric groups, bf16, CUDA kernels), not to a 2
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import itertools
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -25,9 +31,24 @@ from torch import nn
 
 from qvec.core.errors import QvecError
 from qvec.quant.base import QParams, QuantizerConfig, register_quantizer
-from qvec.quant.calibration import check_calibration
+from qvec.quant.blockwise import (
+    BlockCache,
+    Stop,
+    advance,
+    block_chain,
+    chain_holds,
+    default_cache_bytes,
+    fill_cache,
+    raise_stop,
+    run_block,
+)
+from qvec.quant.calibration import MIN_CALIBRATION_IMAGES, check_calibration
 from qvec.quant.grid import QuantSpec, compute_qparams, grouped_view
 from qvec.quant.targets import Target
+
+#: The dtype of each batch's X^T X product (summed in float64 either way). float64, as before the one-pass rewrite:
+#: float32 products change the codes (docs/deploy.md, "GPTQ in one pass").
+HESSIAN_DTYPE = torch.float64
 
 
 @register_quantizer
@@ -72,40 +93,26 @@ def _block_of(key: str) -> str:
     return key
 
 
-class _BlockDone(Exception):
-    """Raised by the hook on a block once its targets have seen their inputs: the rest of the forward is not needed."""
-
-
-def _stop_after(model: nn.Module, block: str):
-    """A forward hook that ends the calibration pass after ``block`` (None when ``block`` names no module)."""
-    try:
-        module = model.get_submodule(block)
-    except AttributeError:
-        return None
-
-    def stop(*_args) -> None:
-        raise _BlockDone
-
-    return module.register_forward_hook(stop)
-
-
 class _Hessian:
-    """Running H = 2 X^T X / N of a module's inputs (a forward pre-hook)."""
+    """H = 2 X^T X / N of a module's inputs, collected by a forward pre-hook: each batch's X^T X is one product in
+    ``dtype`` (float32 halves its cost; :data:`HESSIAN_DTYPE` says which is used and why), summed in float64."""
 
-    def __init__(self, cols: int) -> None:
-        self.h = torch.zeros(cols, cols, dtype=torch.float64)
+    def __init__(self, cols: int, dtype: torch.dtype = torch.float64) -> None:
+        self.sum = torch.zeros(cols, cols, dtype=torch.float64)
         self.n = 0
+        self.dtype = dtype
 
     def __call__(self, module: nn.Module, args: tuple) -> None:
         x = args[0].detach()
         if isinstance(module, nn.MultiheadAttention) and not module.batch_first:
             x = x.transpose(0, 1)
-        x = x.reshape(-1, x.shape[-1]).double()
-        m = x.shape[0]
-        self.h.mul_(self.n / (self.n + m))
-        self.n += m
-        x = x.mul_((2.0 / self.n) ** 0.5)
-        self.h.add_(x.T @ x)
+        x = x.reshape(-1, x.shape[-1]).to(self.dtype)
+        self.n += x.shape[0]
+        self.sum += x.T @ x
+
+    @property
+    def h(self) -> torch.Tensor:
+        return self.sum * (2.0 / max(1, self.n))
 
 
 @torch.no_grad()
@@ -160,41 +167,164 @@ def gptq_weight(w: torch.Tensor, h: torch.Tensor, config: GPTQConfig) -> tuple[t
     return Q.reshape(w.shape).to(w.dtype), scale, zero
 
 
+def _collect(members: Sequence[Target], run: Callable[[], None], dtype: torch.dtype) -> dict[str, _Hessian]:
+    """Hessians of ``members`` over the calibration passes that ``run`` makes."""
+    hess, hooks = {}, []
+    for t in members:
+        hess[t.key] = _Hessian(t.weight.reshape(t.weight.shape[0], -1).shape[1], dtype)
+        hooks.append(t.module.register_forward_pre_hook(hess[t.key]))
+    try:
+        run()
+    finally:
+        for h in hooks:
+            h.remove()
+    return hess
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """One intra-op thread for the solves: their column loop is thousands of small operations, which a second
+    thread only makes wait on each other (several times slower on a busy 2-core machine; docs/deploy.md)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _quantize_members(members: Sequence[Target], hess: dict[str, _Hessian], config: GPTQConfig,
+                      qparams: dict[str, tuple]) -> None:
+    with _one_thread():
+        for t in members:
+            q, scale, zero = gptq_weight(t.weight, hess[t.key].h, config)
+            t.weight.copy_(q)
+            qparams[t.key] = (scale, zero)
+
+
+def _from_images(model: nn.Module, members: Sequence[Target], batches: Callable[[], Iterable[torch.Tensor]],
+                 config: GPTQConfig, qparams: dict[str, tuple], dtype: torch.dtype) -> None:
+    """GPTQ of targets outside the chain of blocks: Hessians from passes of the whole model over the images (each
+    pass stopped after the targets' block), then the solve."""
+    try:
+        block = model.get_submodule(_block_of(members[0].key))
+    except AttributeError:
+        block = None
+
+    def run() -> None:
+        stop = block.register_forward_hook(raise_stop) if block is not None else None
+        try:
+            for x in batches():
+                try:
+                    model(x)
+                except Stop:
+                    pass
+        finally:
+            if stop is not None:
+                stop.remove()
+
+    _quantize_members(members, _collect(members, run, dtype), config, qparams)
+
+
+def _block_hessians(block: nn.Module, members: Sequence[Target], cache: BlockCache, dtype: torch.dtype
+                    ) -> dict[str, _Hessian]:
+    """The Hessians of a block's targets from its cached inputs. The first batch runs the whole block and notes
+    the order in which the targets run; later batches stop just before the last target's product (its input is
+    all that is needed), which saves the block's last layer."""
+    modules = {t.key: t.module for t in members}
+    order: list[str] = []
+
+    def run() -> None:
+        for i in range(len(cache)):
+            if i == 0:
+                hooks = [m.register_forward_pre_hook(lambda *_, k=k: order.append(k)) for k, m in modules.items()]
+            elif sorted(order) == sorted(modules):  # registered after the Hessian hook, which still sees x
+                hooks = [modules[order[-1]].register_forward_pre_hook(raise_stop)]
+            try:
+                run_block(block, cache, i)
+            finally:
+                for h in hooks:
+                    h.remove()
+
+    return _collect(members, run, dtype)
+
+
+def _batches(calibration: torch.Tensor | Iterable[torch.Tensor], batch_size: int, label: str
+             ) -> Iterator[torch.Tensor]:
+    """Calibration batches: slices of a tensor, or the batches of an iterable as they come (each checked)."""
+    if calibration is None or isinstance(calibration, torch.Tensor):
+        x = check_calibration(calibration, label=label)
+        yield from (x[s : s + batch_size] for s in range(0, len(x), batch_size))
+        return
+    for batch in calibration:
+        yield check_calibration(batch, label=label, min_images=1)
+
+
+def _find_chain(model: nn.Module, names: list[str], image: torch.Tensor) -> tuple[list[str], list[str]]:
+    """The chain of blocks (:func:`block_chain`, checked on ``image``) spanning the longest run of consecutive
+    target groups that are numbered blocks, and that run of group names; empty when there is none."""
+    chain_like = [bool(block_chain(model, [n])) for n in names]
+    if not any(chain_like):
+        return [], []
+    first = end = chain_like.index(True)
+    while end < len(names) and chain_like[end]:
+        end += 1
+    span = names[first:end]
+    chain = block_chain(model, span)
+    return (chain, span) if chain and chain_holds(model, chain, image) else ([], [])
+
+
 @torch.no_grad()
 def gptq_quantize_(model: nn.Module, config: GPTQConfig, targets: Sequence[Target],
-                   calibration: torch.Tensor | None = None, batch_size: int = 32) -> dict[str, tuple]:
-    """GPTQ of every target in place, block by block in depth order; returns each target's (scale, zero)."""
-    x = check_calibration(calibration, label=config.label)
+                   calibration: torch.Tensor | Iterable[torch.Tensor] | None = None, batch_size: int = 32,
+                   max_cache_bytes: int | None = None, hessian_dtype: torch.dtype = HESSIAN_DTYPE
+                   ) -> dict[str, tuple]:
+    """GPTQ of every target in place, block by block in depth order; returns each target's (scale, zero).
+
+    ``calibration`` is a tensor of images or an iterable of image batches (read once when all targets lie in a
+    chain of blocks). Blocks that the model runs one after another (:mod:`qvec.quant.blockwise`: timm's
+    ``blocks``, OpenCLIP's ``resblocks``, HF's ``layer``) are calibrated in one pass over cached block inputs (in
+    memory up to ``max_cache_bytes``, by default a quarter of the machine's memory, in temporary files beyond).
+    Targets outside such a chain are calibrated by passes of the whole model, which need the images as a tensor."""
+    label = config.label
     groups: dict[str, list[Target]] = {}
     for t in targets:
         groups.setdefault(_block_of(t.key), []).append(t)
+    batches = _batches(calibration, batch_size, label)
+    first = next(batches, None)
+    if not groups or first is None:
+        check_calibration(None if first is None else first, label=label, min_images=1)
+        return {}
     qparams: dict[str, tuple] = {}
+    names = list(groups)
     was = model.training
     model.eval()
+    cache = BlockCache(default_cache_bytes() if max_cache_bytes is None else max_cache_bytes)
     try:
-        for members in groups.values():
-            hooks, hess = [], {}
-            for t in members:
-                w = t.weight
-                hess[t.key] = _Hessian(w.reshape(w.shape[0], -1).shape[1])
-                hooks.append(t.module.register_forward_pre_hook(hess[t.key]))
-            stop = _stop_after(model, _block_of(members[0].key))  # later blocks' outputs are not used
-            if stop is not None:
-                hooks.append(stop)
-            try:
-                for s in range(0, len(x), batch_size):
-                    try:
-                        model(x[s : s + batch_size])
-                    except _BlockDone:
-                        pass
-            finally:
-                for hk in hooks:
-                    hk.remove()
-            for t in members:
-                w = t.weight
-                q, scale, zero = gptq_weight(w, hess[t.key].h, config)
-                w.copy_(q)
-                qparams[t.key] = (scale, zero)
+        chain, span = _find_chain(model, names, first[:1])
+        outside = [n for n in names if n not in span]
+        if outside and not isinstance(calibration, torch.Tensor):
+            raise QvecError(f"{label}: target block {outside[0]} lies outside the model's chain of blocks and needs "
+                            "the calibration images more than once; pass them as one tensor")
+
+        def again() -> Iterator[torch.Tensor]:
+            return _batches(calibration, batch_size, label)
+
+        for n in names[: names.index(span[0])] if span else names:
+            _from_images(model, groups[n], again, config, qparams, hessian_dtype)
+        if chain:
+            images = fill_cache(model, model.get_submodule(chain[0]), itertools.chain([first], batches), cache)
+            if images < MIN_CALIBRATION_IMAGES:
+                raise QvecError(f"{label} needs at least {MIN_CALIBRATION_IMAGES} calibration images, got {images}")
+            for name in chain:
+                block = model.get_submodule(name)
+                if name in groups:
+                    hess = _block_hessians(block, groups[name], cache, hessian_dtype)
+                    _quantize_members(groups[name], hess, config, qparams)
+                advance(block, cache)
+            for n in names[names.index(span[-1]) + 1 :]:
+                _from_images(model, groups[n], again, config, qparams, hessian_dtype)
     finally:
+        cache.close()
         model.train(was)
     return qparams

@@ -33,21 +33,104 @@ CODES, SCALE, ZERO = PACKED_SUFFIXES
 SCALE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
+# 8-value words processed per chunk (512 KiB of levels): every pass over a chunk stays in cache.
+_WORDS_PER_CHUNK = 1 << 16
+# Bit-widths whose eight values fill a whole machine word (2 -> 16 bits, 4 -> 32 bits): written as one cast.
+_WORD_OF = {2: "<u2", 4: "<u4"}
+# Weights per chunk when reading codes back: the several elementwise passes of one chunk stay in cache.
+_CODE_CHUNK_ELEMS = 1 << 16
+
+
+def _lane_masks(bits: int) -> list[tuple[int, int, int]]:
+    """(low mask, high mask, shift) of the three merge steps of :func:`pack_bits` for ``bits``-bit values held one
+    per byte of a little-endian uint64 word: step ``i`` joins neighbouring lanes of ``8 * 2**i`` bits, each holding
+    a ``bits * 2**i``-bit value, into lanes twice as wide."""
+    steps = []
+    for i, lane in enumerate((8, 16, 32)):
+        width = bits << i  # bits each lane holds before this step
+        lo = sum(((1 << width) - 1) << (2 * lane * j) for j in range(64 // (2 * lane)))
+        steps.append((lo, lo << lane, lane - width))
+    return steps
+
+
 def pack_bits(levels: np.ndarray, bits: int) -> np.ndarray:
-    """Pack unsigned ``bits``-bit integers (uint8 array) into a dense little-endian uint8 bit stream."""
-    flat = np.ascontiguousarray(levels, dtype=np.uint8).reshape(-1, 1)
-    bit_matrix = np.unpackbits(flat, axis=1, bitorder="little")[:, :bits]
-    return np.packbits(bit_matrix.reshape(-1), bitorder="little")
+    """Pack unsigned ``bits``-bit integers (uint8 array) into a dense little-endian uint8 bit stream: value ``i``
+    occupies bits ``i*bits .. (i+1)*bits - 1`` (least significant bit first), the last byte padded with zeros;
+    bits above ``bits`` in a level are dropped.
+
+    Vectorised: eight levels are one little-endian uint64 word, whose byte lanes are merged pairwise in three
+    shift-and-mask steps (bytes -> 16-bit -> 32-bit -> 64-bit lanes) until its low ``8 * bits`` bits hold the eight
+    values in order; those ``bits`` bytes are the stream. Words are processed in cache-sized chunks."""
+    flat = np.ascontiguousarray(levels, dtype=np.uint8).reshape(-1)
+    count = flat.size
+    nbytes = -(-count * bits // 8)
+    if bits == 8:
+        return flat.copy()
+    full = count // 8
+    out = np.empty(-(-count // 8) * bits, dtype=np.uint8)
+    keep = np.uint64(sum(((1 << bits) - 1) << (8 * j) for j in range(8)))
+    steps = [(np.uint64(lo), np.uint64(hi), np.uint64(shift)) for lo, hi, shift in _lane_masks(bits)]
+    words = flat[: full * 8].view("<u8")
+    wide = out[: full * bits].view(_WORD_OF.get(bits, "u1"))
+    planes = out[: full * bits].reshape(-1, bits)
+    for s in range(0, full, _WORDS_PER_CHUNK):
+        e = min(s + _WORDS_PER_CHUNK, full)
+        x = np.bitwise_and(words[s:e], keep)
+        t = np.empty_like(x)
+        for lo, hi, shift in steps:
+            np.bitwise_and(x, hi, out=t)
+            np.right_shift(t, shift, out=t)
+            np.bitwise_and(x, lo, out=x)
+            np.bitwise_or(x, t, out=x)
+        if bits in _WORD_OF:  # the word's low 16 or 32 bits, as a contiguous cast
+            wide[s:e] = x
+        else:  # byte j of each word's stream: one strided plane per byte
+            for j in range(bits):
+                planes[s:e, j] = x if j == 0 else x >> np.uint64(8 * j)
+    if count > full * 8:  # the last, partial word: padded with zero levels
+        tail = np.zeros(8, dtype=np.uint8)
+        tail[: count - full * 8] = flat[full * 8 :]
+        out[full * bits :] = pack_bits(tail, bits)
+    return out[:nbytes]
 
 
 def unpack_bits(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
-    """Inverse of :func:`pack_bits`: ``count`` unsigned integers of ``bits`` bits each."""
+    """Inverse of :func:`pack_bits`: ``count`` unsigned integers of ``bits`` bits each (the merge steps undone in
+    reverse order, chunk by chunk)."""
+    packed = np.ascontiguousarray(packed, dtype=np.uint8).reshape(-1)
     if packed.size * 8 < count * bits:
         raise QvecError(f"packed stream holds {packed.size * 8} bits, {count * bits} needed for {count} codes")
-    bit_matrix = np.unpackbits(packed, count=count * bits, bitorder="little").reshape(count, bits)
-    padded = np.zeros((count, 8), dtype=np.uint8)
-    padded[:, :bits] = bit_matrix
-    return np.packbits(padded, axis=1, bitorder="little").reshape(count)
+    if bits == 8:
+        return packed[:count].copy()
+    full = count // 8
+    out = np.empty(-(-count // 8) * 8, dtype=np.uint8)
+    steps = [(np.uint64(lo), np.uint64(shift)) for lo, _, shift in reversed(_lane_masks(bits))]
+    lanes = (32, 16, 8)
+    src = packed[: full * bits]
+    wide = src.view(_WORD_OF.get(bits, "u1"))
+    planes = src.reshape(-1, bits)
+    for s in range(0, full, _WORDS_PER_CHUNK):
+        e = min(s + _WORDS_PER_CHUNK, full)
+        if bits in _WORD_OF:
+            x = wide[s:e].astype(np.uint64)
+        else:
+            x = planes[s:e, 0].astype(np.uint64)
+            for j in range(1, bits):
+                x |= planes[s:e, j].astype(np.uint64) << np.uint64(8 * j)
+        t = np.empty_like(x)
+        for (lo, shift), lane in zip(steps, lanes, strict=True):
+            # lanes of 2*lane bits hold a value in their low bits: move its upper half to the upper lane
+            np.left_shift(x, shift, out=t)
+            np.bitwise_and(t, lo << np.uint64(lane), out=t)
+            np.bitwise_and(x, lo, out=x)
+            np.bitwise_or(x, t, out=x)
+        out[s * 8 : e * 8] = x.view(np.uint8)
+    if count > full * 8:
+        tail = np.zeros(bits, dtype=np.uint8)
+        rest = packed[full * bits : -(-count * bits // 8)]
+        tail[: rest.size] = rest
+        out[full * 8 :] = unpack_bits(tail, bits, 8)
+    return out[:count]
 
 
 @dataclass
@@ -86,6 +169,27 @@ def _scale_dtype_for(scale: torch.Tensor, wanted: torch.dtype) -> torch.dtype:
     return wanted
 
 
+def read_levels(w: torch.Tensor, grid: QuantSpec, qparams: tuple) -> np.ndarray:
+    """The unsigned levels ``q - qmin`` of a weight already on ``grid`` under its ``qparams`` = (scale, zero), as a
+    flat uint8 array in the order of the grouped view: :func:`qvec.quant.grid.quantize_codes`, run on cache-sized
+    chunks of rows (of columns for a per-tensor grid) so that its elementwise passes do not each stream the whole
+    weight through memory."""
+    g = grouped_view(w.detach(), grid)
+    scale, zero = qparams
+    out = torch.empty(g.shape, dtype=torch.uint8)
+    rows, cols = g.shape
+    if rows == 1:  # one scale for the whole tensor: chunks of columns
+        step = _CODE_CHUNK_ELEMS
+        for c in range(0, cols, step):
+            out[:, c : c + step] = quantize_codes(g[:, c : c + step], grid, (scale, zero))[0]
+    else:
+        step = max(1, _CODE_CHUNK_ELEMS // cols)
+        for r in range(0, rows, step):
+            part = (scale[r : r + step], zero[r : r + step] if zero is not None else None)
+            out[r : r + step] = quantize_codes(g[r : r + step], grid, part)[0]
+    return out.numpy().reshape(-1)
+
+
 def pack_state(
     state: dict[str, torch.Tensor], qparams: dict[str, tuple], grid: QuantSpec,
     scale_dtype: torch.dtype = torch.float16,
@@ -102,8 +206,8 @@ def pack_state(
                 raise NonFiniteWeightError(f"{k}: tensor contains NaN or Inf")
             out[k] = t
             continue
-        levels, scale, zero = quantize_codes(t, grid, qparams[k])
-        out[k + CODES] = torch.from_numpy(pack_bits(levels.numpy(), grid.bits))
+        scale, zero = qparams[k]
+        out[k + CODES] = torch.from_numpy(pack_bits(read_levels(t, grid, (scale, zero)), grid.bits))
         out[k + SCALE] = scale.to(_scale_dtype_for(scale, scale_dtype))
         if zero is not None:
             integral = bool(torch.equal(zero, torch.round(zero)))

@@ -228,3 +228,4 @@ def evaluate_checkpoint(
         quantize_(model, quant, TargetFilter.of(targets).find(model, adapter.head_prefixes))
     return evaluate(model, task, split, batch_size=batch_size, limit=limit, progress=progress,
                     config=adapter.data_config(spec, model))
+
