@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from qvec.core.errors import QvecError
-from qvec.grid.render import Table, pyplot, save_figure, register_table, report_parts, unregister_table
+from qvec.grid.render import Table, pyplot, register_table, report_parts, save_figure, unregister_table
 from qvec.grid.report import write_report
 from qvec.grid.report_figures import register_figure, unregister_figure
 
