@@ -65,6 +65,10 @@ class Registry(Generic[T]):
             raise QvecError(f"unknown {what or self.kind} {name!r}; known: {', '.join(self.names()) or 'none'}")
         return self._items[name]
 
+    def registered(self) -> set[str]:
+        """The names registered so far, without loading built-ins or plugins (for a registration's own checks)."""
+        return set(self._items)
+
     def names(self) -> list[str]:
         """Registered names: the built-ins in the order of their modules, then the others as registered."""
         return [name for name, _ in self.items()]

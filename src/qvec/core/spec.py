@@ -14,8 +14,10 @@ from qvec.core.errors import QvecError
 
 #: Family names of the registered model adapters (filled by ``qvec.models.base.register_adapter``).
 _FAMILIES: dict[str, None] = {}
-#: Name lists of built-in architectures: a bare name in this list means family ``qvec``, otherwise ``timm``.
-_BARE_NAMES: list[Callable[[], Iterable[str]]] = []
+#: Bare architecture names (no ``family:``) that a family claims, as (family, names) pairs; a bare name nobody
+#: claims belongs to the family in ``_BARE_DEFAULT`` (the family whose adapter takes any architecture name).
+_BARE_NAMES: list[tuple[str, Callable[[], Iterable[str]]]] = []
+_BARE_DEFAULT: list[str] = []
 #: Called before a name is parsed: ``qvec.models`` puts its registry's loader here, so that the family modules
 #: (imported on first use) have registered their names.
 _FAMILY_LOADERS: list[Callable[[], object]] = []
@@ -32,12 +34,17 @@ class ModelSpec:
 
     @classmethod
     def parse(cls, text: str, num_classes: int = 0, **options) -> ModelSpec:
-        """``family:name`` (``timm:vit_base_patch16_224``, ``qvec:vit-mini``); a bare name means timm."""
+        """``family:name`` (``timm:vit_base_patch16_224``, ``qvec:vit-mini``); a bare name belongs to the family
+        that claims it, else to the default family of bare names (the adapters register both)."""
         for load in _FAMILY_LOADERS:
             load()
         family, sep, name = text.partition(":")
         if not sep:
-            family, name = ("qvec", text) if text in {n for f in _BARE_NAMES for n in f()} else ("timm", text)
+            name = text
+            family = next((fam for fam, names in _BARE_NAMES if text in set(names())),
+                          _BARE_DEFAULT[0] if _BARE_DEFAULT else "")
+            if not family:
+                raise QvecError(f"model {text!r}: give it as family:name (no family takes bare names)")
         if family not in _FAMILIES:
             raise QvecError(f"unknown model family {family!r}; known: {', '.join(sorted(_FAMILIES))}")
         return cls(family, name, num_classes, dict(options))

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from qvec.core.atomic import atomic_path
 from qvec.core.errors import QvecError
+from qvec.core.registry import Registry
 
 
 def nanmean(xs) -> float:
@@ -110,7 +111,9 @@ class ReportPart:
         return self.title.format(bits=bits) if bits is not None else self.title
 
 
-_PARTS: dict[tuple[str, str], ReportPart] = {}
+#: every table and figure a report may show, as ``table:NAME`` / ``figure:NAME``; built-ins register on import
+REPORT_PARTS: Registry[ReportPart] = Registry(
+    "report item", builtins=("qvec.grid.report_tables", "qvec.grid.report_figures", "qvec.grid.report_pipelines"))
 _SEQ = itertools.count()
 
 
@@ -119,9 +122,9 @@ def _register(kind: str, name: str, scope: str, order: float, title: str) -> Cal
         raise QvecError(f"report {kind} {name!r}: scope must be one of {', '.join(SCOPES)}, not {scope!r}")
 
     def deco(fn: Callable) -> Callable:
-        if (kind, name) in _PARTS:
+        if f"{kind}:{name}" in REPORT_PARTS.registered():
             raise QvecError(f"a report {kind} named {name!r} is already registered")
-        _PARTS[(kind, name)] = ReportPart(name, kind, fn, scope, order, title, next(_SEQ))
+        REPORT_PARTS.register(f"{kind}:{name}", ReportPart(name, kind, fn, scope, order, title, next(_SEQ)))
         return fn
 
     return deco
@@ -139,8 +142,9 @@ def register_table(name: str, *, scope: str = "study", order: float = 100.0):
 
 
 def _unregister(kind: str, name: str) -> None:
-    if _PARTS.pop((kind, name), None) is None:
+    if f"{kind}:{name}" not in REPORT_PARTS.registered():
         raise QvecError(f"no report {kind} named {name!r} is registered")
+    REPORT_PARTS.unregister(f"{kind}:{name}")
 
 
 def unregister_figure(name: str) -> None:
@@ -153,4 +157,4 @@ def unregister_table(name: str) -> None:
 
 def report_parts(scope: str) -> list[ReportPart]:
     """The tables and figures of one section, in page order."""
-    return sorted((p for p in _PARTS.values() if p.scope == scope), key=lambda p: (p.order, p.seq))
+    return sorted((p for _, p in REPORT_PARTS.items() if p.scope == scope), key=lambda p: (p.order, p.seq))

@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import inspect
 from abc import ABC, abstractmethod
-from collections.abc import Collection
+from collections.abc import Callable, Collection, Iterable
 
 import torch
 from torch import nn
 
 from qvec.core.errors import QvecError
 from qvec.core.registry import Registry
-from qvec.core.spec import _BARE_NAMES, _FAMILIES, _FAMILY_LOADERS, DataConfig, ModelSpec  # noqa: F401  (re-exported)
+from qvec.core.spec import _BARE_DEFAULT, _BARE_NAMES, _FAMILIES, _FAMILY_LOADERS, DataConfig, ModelSpec  # noqa: F401
 
 
 class ModelAdapter(ABC):
@@ -134,9 +134,16 @@ def families() -> list[str]:
     return sorted(ADAPTERS.names())
 
 
-_BUILTIN_NAMES = _BARE_NAMES
+def claim_bare_names(family: str, names: Callable[[], Iterable[str]]) -> None:
+    """Let ``--model NAME`` without ``family:`` mean ``family`` for these architecture names."""
+    _BARE_NAMES.append((family, names))
+
+
+def default_bare_family(family: str) -> None:
+    """Bare names no family claims belong to ``family`` (one whose adapter takes any architecture name)."""
+    _BARE_DEFAULT.insert(0, family)
 
 
 def builtin_names() -> list[str]:
     ADAPTERS.names()  # the family modules add their bare names when imported
-    return [n for f in _BUILTIN_NAMES for n in f()]
+    return [n for _, f in _BARE_NAMES for n in f()]

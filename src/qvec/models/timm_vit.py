@@ -14,11 +14,12 @@ from torch import nn
 
 from qvec.core.errors import QvecError
 from qvec.models.base import (
-    _BUILTIN_NAMES,
     DataConfig,
     ModelAdapter,
     ModelSpec,
+    claim_bare_names,
     constructor_options,
+    default_bare_family,
     register_adapter,
 )
 from qvec.models.guard import meta_build
@@ -94,7 +95,7 @@ class SmallViTAdapter(ModelAdapter):
         return list(SMALL_VITS)
 
 
-_BUILTIN_NAMES.append(lambda: list(SMALL_VITS))
+claim_bare_names(SmallViTAdapter.family, lambda: list(SMALL_VITS))
 
 
 def _check_patch_grid(model: nn.Module, spec: ModelSpec) -> nn.Module:
@@ -163,3 +164,6 @@ class TimmAdapter(ModelAdapter):
 
     def names(self) -> list[str]:
         return _timm().list_models("vit_*")
+
+
+default_bare_family(TimmAdapter.family)  # any other bare name is a timm architecture
