@@ -54,11 +54,11 @@ def toys():
 
 def test_builtin_parts_keep_the_page_order():
     assert [(p.kind, p.name) for p in report_parts("study")] == [
-        ("table", "summary"), ("table", "ptq_loss"), ("figure", "ptq_loss"), ("figure", "bars"), ("figure", "radar"),
-        ("figure", "lambda_star"), ("figure", "rules")]
+        ("table", "summary"), ("table", "which_pipeline"), ("figure", "pipelines_bpw"), ("table", "ptq_loss"),
+        ("figure", "ptq_loss"), ("figure", "bars"), ("figure", "radar"), ("figure", "lambda_star"), ("figure", "rules")]
     assert [(p.kind, p.name) for p in report_parts("bits")] == [
         ("table", "baselines"), ("figure", "heatmap"), ("table", "donor_wise"), ("table", "receiver_wise"),
-        ("table", "recovery"), ("table", "rules"), ("table", "donors"), ("table", "pipelines")]
+        ("table", "recovery"), ("table", "rules"), ("table", "donors")]
     assert [(p.kind, p.name) for p in report_parts("cost")] == [("table", "cost")]
 
 

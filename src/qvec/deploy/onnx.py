@@ -50,7 +50,8 @@ from qvec.quant.targets import ALL_TARGETS, TargetFilter
 #: Model families the exporter knows, each with a function from its built model to the module to trace.
 ONNX_FAMILIES: Registry[Callable[[nn.Module], nn.Module]] = Registry("ONNX export family", ("qvec.deploy.onnx",),
                                                                      "ONNX export families")
-META_DATA = "qvec.data"  # the model's input configuration, for ``qvec eval`` of the .onnx
+#: the model's input configuration in an exported .onnx's metadata (not a safetensors header key), for ``qvec eval``
+META_DATA = "qvec.data"
 OPSET = 17
 
 

@@ -177,13 +177,19 @@ def load_study(store: ResultStore, study: str | None = None, view: tuple[str, st
         raise QvecError(f"study {study!r} has no pipeline {view[0]!r} at coverage {view[1]!r} "
                         f"(it has: {', '.join(f'{p}/{c}' for p, c in views)})")
     trainings = store.trainings(study)
-    data = _study_data(_view_rows(rows, primary, view), config, trainings, study)
+    data = _study_data(_view_rows(rows, primary, view), _view_config(config, view), trainings, study)
     data.view, data.views = view, views
     for v in views:
         if v != view:
-            data.siblings[v] = _study_data(_view_rows(rows, primary, v), config, trainings, study)
+            data.siblings[v] = _study_data(_view_rows(rows, primary, v), _view_config(config, v), trainings, study)
             data.siblings[v].view, data.siblings[v].views = v, views
     return data
+
+
+def _view_config(config: Mapping, view: tuple[str, str]) -> dict:
+    """The study's config as one view reads it: the lambda grid of that pipeline's cells (its own, if it has one)."""
+    own = ((config.get("pipelines") or {}).get(view[0]) or {}).get("lambdas")
+    return {**config, "lambdas": own} if own else dict(config)
 
 
 def _quantizer_info(rows: Sequence) -> dict[int, tuple[float, str, float]]:
