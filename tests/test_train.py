@@ -238,3 +238,21 @@ def test_cli_head_mismatch(data, ft_run, capsys):
     assert main(["eval", "--model", str(ft_run[1]), "--task", "six", "--data", str(data)]) == 2
     err = capsys.readouterr().err
     assert "head has 4 classes but task 'six' has 6" in err
+
+
+def test_cli_qat_on_the_deploy_quantizers_trainable_grid(data, theta0, tmp_path, capsys):
+    """``qvec finetune --qat`` trains on the grid of the quantizer to deploy: HQQ in groups of 32 trains on
+    asymmetric RTN groups of 32 (its trainable grid), recorded in the header; a preset whose groups do not divide
+    the rows is one line."""
+    out = tmp_path / "qat.safetensors"
+    common = ["finetune", "--model", "vit-nano", "--task", "stripes", "--data", str(data), "--init", str(theta0),
+              "--epochs", "1", "--train-limit", "32", "--batch-size", "32", "--quiet", "--qat"]
+    assert main([*common, "--method", "hqq", "--asymmetric", "--bits", "2", "-g", "group", "--group-size", "32",
+                 "-o", str(out)]) == 0
+    quant = json.loads(Checkpoint.load(out).meta["qvec.quant"])
+    assert (quant["bits"], quant["symmetric"], quant["granularity"], quant["group_size"]) == (2, False, "group", 32)
+    capsys.readouterr()
+    assert main([*common, "--preset", "g64", "-o", str(tmp_path / "bad.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "group_size 64 does not divide" in err and err.strip().count("\n") == 0, err
+    assert not (tmp_path / "bad.safetensors").exists()

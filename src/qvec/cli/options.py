@@ -85,8 +85,9 @@ class QuantizerFlags:
     calib: Calib = None
     calib_size: CalibSize = 128
 
-    def config(self):
-        """The quantizer config these flags name (a QvecError, one line, for a bad combination)."""
+    def config(self, calibration: bool = True):
+        """The quantizer config these flags name (a QvecError, one line, for a bad combination); without
+        ``calibration`` the calibration flags are not checked (QAT needs only the config's trainable grid)."""
         from qvec.core.errors import QvecError
         from qvec.quant import QuantSpec, get_quantizer, quantizer_names
         from qvec.quant.presets import get_preset
@@ -100,10 +101,10 @@ class QuantizerFlags:
         over = {"symmetric": None if self.asymmetric is None else not self.asymmetric,
                 "granularity": self.granularity, "group_size": self.group_size, "full_range": self.full_range}
         grid = dataclasses.replace(grid, **{k: v for k, v in over.items() if v is not None})
-        if cls.needs_calibration and self.calib is None:
+        if calibration and cls.needs_calibration and self.calib is None:
             raise QvecError(f"--{'preset ' + self.preset if self.preset else 'method ' + cls.method} needs --calib "
                             "PATH|noise (unlabeled calibration images)")
-        if not cls.needs_calibration and self.calib is not None:
+        if calibration and not cls.needs_calibration and self.calib is not None:
             calibrated = " or ".join(f"--method {n}" for n in quantizer_names() if get_quantizer(n).needs_calibration)
             raise QvecError(f"--calib is for {calibrated} ({cls.method} needs no data)")
         return cls.from_grid(grid, **(base.knobs if base else {}))

@@ -141,7 +141,7 @@ def pretrain(
 
 
 @app.command()
-@takes(flags=RecipeFlags)
+@takes(flags=RecipeFlags, q=QuantizerFlags)
 def finetune(
     model: Annotated[str, typer.Option("--model", "-m", help="Architecture (vit-mini, timm:NAME, ...).")],
     task: Task,
@@ -156,30 +156,32 @@ def finetune(
     img_size: ImgSize = None,
     device: Device = "auto",
     profile: Profile = None,
-    qat: Annotated[bool, typer.Option("--qat", help="Quantization-aware training (else plain FT).")] = False,
-    bits: Bits = 3,
-    granularity: Gran = "channel",
-    group_size: Annotated[int, typer.Option("--group-size", help="Group size for group granularity.")] = 128,
+    qat: Annotated[bool, typer.Option("--qat", help="Quantization-aware training on the deploy quantizer's "
+                                      "trainable grid (--preset, or --method and the grid flags), else plain FT.")
+                   ] = False,
+    q: QuantizerFlags = QuantizerFlags(),
     in_proj: InProj = True,
     ptq_log: Annotated[bool, typer.Option("--ptq-log", help="FT: also log val accuracy after PTQ.")] = False,
     data: DataDir = None,
     flags: RecipeFlags = RecipeFlags(),
 ) -> None:
-    """Fine-tune from theta_0: FT, or QAT with --qat (same recipe and seed); resumable (rerun the same command)."""
+    """Fine-tune from theta_0: FT, or QAT with --qat (same recipe and seed); resumable (rerun the same command).
+
+    QAT fake-quantizes on the trainable grid of the quantizer you will deploy: ``--preset hqq-g64`` trains on
+    asymmetric groups of 64, the grid HQQ's vector is matched to."""
     from qvec.data.tasks import get_task
-    from qvec.quant import QuantSpec
     from qvec.train.trainer import finetune as _finetune
 
     output_file(output, init, weights)
     _set_threads(flags.threads)
     spec = _model_spec(model, pretrained, img_size)
     t = get_task(task, data)
-    q = QuantSpec(bits=bits, granularity=granularity, group_size=group_size)  # type: ignore[arg-type]
+    grid = q.config(calibration=False).trainable_grid
     r = flags.recipe_for(Recipe.for_task(t.name, spec, profile), profile)
     if flags.epochs is not None:  # an explicit --epochs is exact
         r = replace(r, min_examples=None)
-    ck = _finetune(spec, t, r, output, init=init, qat=q if qat else None, targets=in_proj,
-                   eval_quant=q if (qat or ptq_log) else None, progress=not flags.quiet, device=device,
+    ck = _finetune(spec, t, r, output, init=init, qat=grid if qat else None, targets=in_proj,
+                   eval_quant=grid if (qat or ptq_log) else None, progress=not flags.quiet, device=device,
                    weights=weights)
     _report_training(ck, output)
 
