@@ -4,6 +4,7 @@ quantize them with any registered quantizer."""
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
@@ -27,13 +28,26 @@ def meta_model(spec: ModelSpec, state: dict | None = None, source: str | None = 
     return meta_build(spec, state, source, match_state=False)
 
 
+#: target_shapes answers by (spec, target filter, the file's tensor shapes): building the model on the meta device
+#: costs a few hundred ms for a ViT-B, and every PTQ of a checkpoint asks
+_TARGETS: OrderedDict[tuple, dict[str, tuple[int, ...]]] = OrderedDict()
+_TARGETS_KEPT = 16
+
+
 def target_shapes(spec: ModelSpec, targets: TargetFilter | bool = ALL_TARGETS, state: dict | None = None,
                   source: str | None = None) -> dict[str, tuple[int, ...]]:
     """State-dict key -> shape of every weight PTQ quantizes in a model of ``spec`` (sized by ``state``, the
-    tensors of the file ``source``)."""
-    model = meta_model(spec, state, source)
-    found = TargetFilter.of(targets).find(model, get_adapter(spec).head_prefixes)
-    return {t.key: tuple(t.weight.shape) for t in found}
+    tensors of the file ``source``). The checks against ``state`` depend only on its shapes, so a second file of
+    the same shapes gets the remembered answer."""
+    filt = TargetFilter.of(targets)
+    shapes = None if state is None else tuple((k, tuple(v.shape)) for k, v in state.items())
+    key = (spec.to_json(), repr(filt), shapes)
+    if key not in _TARGETS:
+        model = meta_model(spec, state, source)
+        _TARGETS[key] = {t.key: tuple(t.weight.shape) for t in filt.find(model, get_adapter(spec).head_prefixes)}
+        while len(_TARGETS) > _TARGETS_KEPT:
+            _TARGETS.popitem(last=False)
+    return dict(_TARGETS[key])
 
 
 def target_keys(spec: ModelSpec, targets: TargetFilter | bool = ALL_TARGETS, state: dict | None = None,
