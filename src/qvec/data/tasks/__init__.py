@@ -21,7 +21,7 @@ One module per job, all re-exported here (import from ``qvec.tasks``):
 * :mod:`~qvec.tasks.transforms`: :func:`resize_batch` and :func:`normalize`, a model's preprocessing.
 """
 
-import importlib
+from qvec.core.lazy import lazy_exports
 
 # Names are imported on first use (PEP 562), so that the catalogue (which tasks exist) loads without torch.
 _EXPORTS = {
@@ -58,14 +58,7 @@ _EXPORTS = {
 }
 
 
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_EXPORTS])
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 
 __all__ = [
