@@ -79,6 +79,7 @@ def test_float_zero_points_and_the_float_parts(tiny, tmp_path):
 def test_packed_file_exported_without_dequantizing(tiny, tmp_path, monkeypatch):
     """A packed 4-bit file: its code streams go into the graph as they are (no unpacking, no float weights)."""
     import qvec.deploy.nbits as nbits
+    import qvec.quant.bitpack as bitpack
     import qvec.quant.pack as pack
 
     grid = QuantSpec(4)
@@ -88,7 +89,8 @@ def test_packed_file_exported_without_dequantizing(tiny, tmp_path, monkeypatch):
     def refuse(*_a, **_k):
         raise AssertionError("the export unpacked or dequantized the packed file")
 
-    for module, name in ((nbits, "unpack_bits"), (pack, "unpack_bits"), (pack, "unpack_state")):
+    for module, name in ((nbits, "unpack_bits"), (bitpack, "unpack_bits"), (pack, "unpack_bits"),
+                         (pack, "unpack_state")):
         monkeypatch.setattr(module, name, refuse)
     export_onnx(tmp_path / "p.safetensors", tmp_path / "m.onnx")
     monkeypatch.undo()

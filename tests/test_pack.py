@@ -8,21 +8,13 @@ import numpy as np
 import pytest
 import torch
 
+import qvec.quant.bitpack as bitpack
 from qvec.core.checkpoint import read_safetensors
 from qvec.core.errors import QvecError
 from qvec.models import ModelSpec, load_model
-from qvec.quant import RTN, QuantSpec, dequantize_codes, fake_quantize, quantize_codes
-from qvec.quant.pack import (
-    CODES,
-    SCALE,
-    ZERO,
-    load_packed,
-    pack_bits,
-    pack_checkpoint,
-    pack_state,
-    unpack_bits,
-    unpack_state,
-)
+from qvec.quant import RTN, NonFiniteWeightError, QuantSpec, dequantize_codes, fake_quantize, quantize_codes
+from qvec.quant.bitpack import pack_bits, packed_codes, read_levels, unpack_bits
+from qvec.quant.pack import CODES, SCALE, ZERO, load_packed, pack_checkpoint, pack_state, unpack_state
 from qvec.quant.ptq import quantize_checkpoint, target_keys
 from qvec.quant.rtn import quantize_state_dict_
 
@@ -84,6 +76,31 @@ def test_pack_round_trip_float_zero_points(tmp_path, nano_spec):
         levels = quantize_codes(ptq.state[k], quant.grid, (scale, zero))[0]
         expected = dequantize_codes(levels, scale, zero.half().float(), quant.grid, ptq.state[k].shape)
         assert torch.equal(back.state[k], expected), k
+
+
+@pytest.mark.parametrize("quant", ROUND_TRIP + [QuantSpec(3, symmetric=False, granularity="group", group_size=64),
+                                                 QuantSpec(4, symmetric=False, granularity="tensor")], ids=str)
+def test_rtn_codes_packed_straight_from_the_weight(quant, monkeypatch):
+    """RTN packs its codes from the weight itself, chunk by chunk, with no fake-quantized copy: the same stream,
+    scales and zeros as reading the codes back from RTN's reconstruction (chunks small here, so that rows and
+    runs of a per-tensor grid span several of them and the last one is partial)."""
+    monkeypatch.setattr(bitpack, "_CODE_CHUNK_ELEMS", 1024)
+    torch.manual_seed(quant.bits)
+    for w in (torch.randn(37, 192), torch.randn(5, 320) * 1e-2, torch.randn(11, 128).bfloat16()):
+        w_hat, scale, zero = RTN(quant).quantize_weight(w)
+        stream, s, z = RTN(quant).pack_weight(w)
+        expected = pack_bits(read_levels(w_hat, quant, (scale, zero)), quant.bits)
+        assert stream.tobytes() == expected.tobytes() and torch.equal(s, scale), (quant, w.shape)
+        assert (z is None and zero is None) or torch.equal(z, zero)
+        assert packed_codes(w_hat, quant, (scale, zero))[0].tobytes() == expected.tobytes()
+
+
+def test_rtn_pack_refuses_non_finite_weights():
+    for bad in (float("nan"), float("inf")):
+        w = torch.randn(16, 64)
+        w[3, 5] = bad
+        with pytest.raises(NonFiniteWeightError):
+            RTN(QuantSpec(3, symmetric=False)).pack_weight(w)
 
 
 def test_unpack_rejects_short_stream():

@@ -39,12 +39,12 @@ from qvec.core.spec import ModelSpec
 
 
 def save_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping) -> None:
-    """Write tensors and string metadata atomically (tensors are made contiguous and unshared). The header gets
-    ``qvec.schema`` and ``qvec.version`` (:func:`qvec.schema.stamp_header`)."""
+    """Write tensors and string metadata atomically; each tensor's own bytes are written, so tensors that are
+    views of a larger storage, or share one, need no copy. The header gets ``qvec.schema`` and ``qvec.version``
+    (:func:`qvec.schema.stamp_header`)."""
     meta = {str(k): (v if isinstance(v, str) else json.dumps(v)) for k, v in metadata.items()}
     meta = stamp_header(meta, __version__, path)  # qvec.schema, qvec.version and the format's required keys
-    clean = {k: v.detach().contiguous().clone() if _shares_storage(v) else v.detach().contiguous()
-             for k, v in tensors.items()}
+    clean = {k: v.detach().contiguous() for k, v in tensors.items()}
     # safetensors' save_file renames a temporary file of its own (mode 0600, left behind when killed), so the file
     # is streamed here, tensor by tensor, into qvec's atomic writer: no second copy of the model in memory.
     with atomic_path(path) as tmp:
@@ -78,11 +78,7 @@ def write_safetensors_stream(f, tensors: Mapping[str, torch.Tensor], metadata: M
     for k in order:
         t = tensors[k].detach().cpu().contiguous()
         if t.numel():
-            f.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-
-
-def _shares_storage(t: torch.Tensor) -> bool:
-    return t.untyped_storage().nbytes() != t.numel() * t.element_size()
+            f.write(t.reshape(-1).view(torch.uint8).numpy())  # the tensor's own bytes, not a copy of them
 
 
 def require_file(path: str | os.PathLike, what: str = "file") -> Path:

@@ -3,7 +3,7 @@
 ``MatMulNBits`` computes ``A @ W.T`` with ``W`` (N x K) stored as unsigned ``bits``-bit values, ``bits`` in {2, 4, 8},
 in blocks of ``block_size`` inputs (a power of two from 16), each block with a scale and a zero point:
 ``W[n, k] = (stored - zero) * scale``. The stored values are packed little-endian, value ``i`` of a row at bits
-``i*bits..``: the same bit order as qvec's packed streams (:func:`qvec.quant.pack.pack_bits`). So:
+``i*bits..``: the same bit order as qvec's packed streams (:func:`qvec.quant.bitpack.pack_bits`). So:
 
 * the container is the smallest of 2, 4, 8 bits that holds the grid's codes; 3-bit codes go into 4-bit containers
   (5..7-bit into 8-bit) exactly, with the real (smaller) packed size reported beside the container's;
@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from qvec.core.errors import QvecError
+from qvec.quant.bitpack import pack_bits, unpack_bits
 from qvec.quant.grid import QuantSpec
-from qvec.quant.pack import pack_bits, unpack_bits
 
 CONTAINERS = (2, 4, 8)
 #: Block sizes the runtime takes, largest first: a per-channel grid uses the largest that divides its rows.
@@ -106,7 +106,7 @@ def _zero_points(zero: torch.Tensor | None, grid: QuantSpec, n: int, blocks: int
 def nbits_weight(stream: np.ndarray, scale: torch.Tensor, zero: torch.Tensor | None, grid: QuantSpec,
                  shape: tuple[int, ...], key: str = "weight") -> NBitsWeight:
     """The ``MatMulNBits`` inputs of a weight of ``shape`` (N, K) whose levels ``q - qmin`` are the packed
-    ``stream`` (:func:`qvec.quant.pack.pack_bits` at ``grid.bits``) with the grid's ``scale`` and ``zero``."""
+    ``stream`` (:func:`qvec.quant.bitpack.pack_bits` at ``grid.bits``) with the grid's ``scale`` and ``zero``."""
     if len(shape) != 2:
         raise QvecError(f"{key}: MatMulNBits holds 2-D (Linear) weights, got shape {tuple(shape)}")
     n, k = (int(s) for s in shape)

@@ -42,8 +42,9 @@ from qvec.deploy import require
 from qvec.deploy.nbits import NBitsWeight, nbits_weight
 from qvec.models import load_model
 from qvec.quant.base import QuantizerConfig, quantizer_from_record
+from qvec.quant.bitpack import packed_codes, read_levels
 from qvec.quant.grid import QuantSpec, compute_qparams, dequantize_codes
-from qvec.quant.pack import CODES, SCALE, ZERO, pack_bits, read_levels
+from qvec.quant.pack import CODES, SCALE, ZERO
 from qvec.quant.ptq import QuantizedCheckpoint, quantize_checkpoint, target_keys
 from qvec.quant.targets import ALL_TARGETS, TargetFilter
 
@@ -81,7 +82,7 @@ def from_quantized(q: QuantizedCheckpoint) -> QuantizedWeights:
     """The exact codes of a quantizer's output: its weights read back under its own (scale, zero)."""
     assert q.config is not None
     grid = q.config.grid
-    streams = {k: (pack_bits(read_levels(q.state[k], grid, (s, z)), grid.bits), s, z, tuple(q.state[k].shape))
+    streams = {k: (packed_codes(q.state[k], grid, (s, z))[0], s, z, tuple(q.state[k].shape))
                for k, (s, z) in q.qparams.items()}
     return QuantizedWeights(dict(q.meta), q.state, streams, grid, q.name())
 

@@ -17,11 +17,13 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
 from typing import ClassVar
 
+import numpy as np
 import torch
 from torch import nn
 
 from qvec.core.errors import QvecError
 from qvec.core.registry import Registry
+from qvec.quant.bitpack import packed_codes
 from qvec.quant.grid import NonFiniteWeightError, QuantSpec
 from qvec.quant.targets import Target, TargetFilter, find_targets
 
@@ -78,6 +80,12 @@ class QuantizerConfig:
             w.data.copy_(w_hat)
             out[t.key] = (scale, zero)
         return out
+
+    def pack_weight(self, w: torch.Tensor) -> tuple[np.ndarray, torch.Tensor, torch.Tensor | None]:
+        """(bit-packed codes of ``w``'s quantization, scales, zeros) for a data-free quantizer, what ``pack``
+        stores. The default quantizes, then reads the codes back; RTN packs its codes straight from ``w``."""
+        w_hat, scale, zero = self.quantize_weight(w)
+        return packed_codes(w_hat, self.grid, (scale, zero))
 
     @property
     def weight_local(self) -> bool:

@@ -20,7 +20,6 @@ int4 tinygemm layout (4 bits, asymmetric groups, bf16, CUDA kernels), not to a 2
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ import torch
 from torch import nn
 
 from qvec.core.errors import QvecError
+from qvec.core.threads import one_intraop_thread
 from qvec.quant.base import QParams, QuantizerConfig, register_quantizer
 from qvec.quant.blockwise import (
     BlockCache,
@@ -181,21 +181,9 @@ def _collect(members: Sequence[Target], run: Callable[[], None], dtype: torch.dt
     return hess
 
 
-@contextlib.contextmanager
-def _one_thread():
-    """One intra-op thread for the solves: their column loop is thousands of small operations, which a second
-    thread only makes wait on each other (several times slower on a busy 2-core machine; docs/deploy.md)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
 def _quantize_members(members: Sequence[Target], hess: dict[str, _Hessian], config: GPTQConfig,
                       qparams: dict[str, tuple]) -> None:
-    with _one_thread():
+    with one_intraop_thread():  # the column loop is thousands of small operations (docs/deploy.md)
         for t in members:
             q, scale, zero = gptq_weight(t.weight, hess[t.key].h, config)
             t.weight.copy_(q)

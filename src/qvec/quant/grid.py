@@ -33,7 +33,7 @@ GRID_FIELDS = ("bits", "symmetric", "granularity", "group_size", "full_range")
 EPS = 1e-8
 # Elements processed per block: sized so that the in-place passes of one block stay in cache (docs/grid.md, "The
 # evaluation fast path").
-_ROW_BLOCK_ELEMS = 1 << 18
+_ROW_BLOCK_ELEMS = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -155,6 +155,12 @@ def require_finite(row_stat: torch.Tensor) -> None:
         raise NonFiniteWeightError(f"weight contains {bad}; refusing to quantize it")
 
 
+def absmax_rows(g: torch.Tensor) -> torch.Tensor:
+    """``max |w|`` of each row of ``g``, (rows, 1): the larger of ``max w`` and ``-min w``, two reductions that
+    allocate nothing of the rows' size (``g.abs()`` would, on every call). NaN propagates as with ``abs``."""
+    return torch.maximum(g.amax(dim=1, keepdim=True), g.amin(dim=1, keepdim=True).neg_())
+
+
 def row_stats(g: torch.Tensor, spec: QuantSpec, check: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """What a min-max scale is made of, per row of ``g`` (rows, 1): the signed extreme (full range), ``max|w|``
     (symmetric) or ``(min(w, 0), max(w, 0))`` (asymmetric); ``check`` refuses NaN/Inf rows. Split from
@@ -165,7 +171,7 @@ def row_stats(g: torch.Tensor, spec: QuantSpec, check: bool = True) -> tuple[tor
             if check:
                 require_finite(ext)
             return ext, None
-        amax = g.abs().amax(dim=1, keepdim=True).float()
+        amax = absmax_rows(g).float()
         if check:
             require_finite(amax)
         return amax, None
@@ -233,13 +239,19 @@ def quantize_codes(w: torch.Tensor, spec: QuantSpec, qparams: tuple | None = Non
     if qparams is None:
         scale, zero = compute_qparams(w, spec)
         q = round_rows(g, scale, zero, spec)
-    else:  # w = (q - zero) * scale up to rounding, zero possibly real-valued (HQQ): read q back
+    else:
         scale, zero = qparams
-        q = g.float() / scale
-        if zero is not None:
-            q += zero
-        q = q.round_().clamp_(spec.qmin, spec.qmax)
+        q = read_back_rows(g, scale, zero, spec)
     return q.sub_(spec.qmin).to(torch.uint8), scale, zero
+
+
+def read_back_rows(g: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, spec: QuantSpec) -> torch.Tensor:
+    """The codes (float) of rows ``g`` already on the grid: ``g = (q - zero) * scale`` up to float rounding, the
+    zero possibly real-valued (HQQ), so ``q = round(g / scale + zero)``, clamped."""
+    q = g.float() / scale
+    if zero is not None:
+        q += zero
+    return q.round_().clamp_(spec.qmin, spec.qmax)
 
 
 def dequantize_codes(levels: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, spec: QuantSpec,
@@ -252,7 +264,7 @@ def dequantize_codes(levels: torch.Tensor, scale: torch.Tensor, zero: torch.Tens
 def _fake_quant_rows_(g: torch.Tensor, spec: QuantSpec, check: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """In place: each row of ``g`` becomes its own RTN reconstruction; returns the rows' (scale, zero)."""
     if spec.symmetric and not spec.full_range:
-        scale = g.abs().amax(dim=1, keepdim=True)
+        scale = absmax_rows(g)
         if check:
             require_finite(scale)
         scale = scale.clamp_min_(EPS).div_(spec.qmax)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,113 +25,15 @@ import torch
 from qvec.core.checkpoint import Checkpoint, read_safetensors, save_safetensors
 from qvec.core.errors import QvecError
 from qvec.core.schema import FORMAT_PACKED, META_FORMAT, META_MODEL, META_PACKED, PACKED_SUFFIXES, check_header
+from qvec.core.threads import map_threads
 from qvec.quant.base import QuantizerConfig
-from qvec.quant.grid import NonFiniteWeightError, QuantSpec, dequantize_codes, grouped_view, quantize_codes
-from qvec.quant.ptq import QuantizedCheckpoint, quantize_checkpoint
+from qvec.quant.bitpack import packed_codes, unpack_bits
+from qvec.quant.grid import NonFiniteWeightError, QuantSpec, dequantize_codes
+from qvec.quant.ptq import QuantizedCheckpoint, plan_ptq, quantize_checkpoint
 from qvec.quant.targets import ALL_TARGETS, TargetFilter
 
 CODES, SCALE, ZERO = PACKED_SUFFIXES
 SCALE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
-
-
-# 8-value words processed per chunk (512 KiB of levels): every pass over a chunk stays in cache.
-_WORDS_PER_CHUNK = 1 << 16
-# Bit-widths whose eight values fill a whole machine word (2 -> 16 bits, 4 -> 32 bits): written as one cast.
-_WORD_OF = {2: "<u2", 4: "<u4"}
-# Weights per chunk when reading codes back: the several elementwise passes of one chunk stay in cache.
-_CODE_CHUNK_ELEMS = 1 << 16
-
-
-def _lane_masks(bits: int) -> list[tuple[int, int, int]]:
-    """(low mask, high mask, shift) of the three merge steps of :func:`pack_bits` for ``bits``-bit values held one
-    per byte of a little-endian uint64 word: step ``i`` joins neighbouring lanes of ``8 * 2**i`` bits, each holding
-    a ``bits * 2**i``-bit value, into lanes twice as wide."""
-    steps = []
-    for i, lane in enumerate((8, 16, 32)):
-        width = bits << i  # bits each lane holds before this step
-        lo = sum(((1 << width) - 1) << (2 * lane * j) for j in range(64 // (2 * lane)))
-        steps.append((lo, lo << lane, lane - width))
-    return steps
-
-
-def pack_bits(levels: np.ndarray, bits: int) -> np.ndarray:
-    """Pack unsigned ``bits``-bit integers (uint8 array) into a dense little-endian uint8 bit stream: value ``i``
-    occupies bits ``i*bits .. (i+1)*bits - 1`` (least significant bit first), the last byte padded with zeros;
-    bits above ``bits`` in a level are dropped.
-
-    Vectorised: eight levels are one little-endian uint64 word, whose byte lanes are merged pairwise in three
-    shift-and-mask steps (bytes -> 16-bit -> 32-bit -> 64-bit lanes) until its low ``8 * bits`` bits hold the eight
-    values in order; those ``bits`` bytes are the stream. Words are processed in cache-sized chunks."""
-    flat = np.ascontiguousarray(levels, dtype=np.uint8).reshape(-1)
-    count = flat.size
-    nbytes = -(-count * bits // 8)
-    if bits == 8:
-        return flat.copy()
-    full = count // 8
-    out = np.empty(-(-count // 8) * bits, dtype=np.uint8)
-    keep = np.uint64(sum(((1 << bits) - 1) << (8 * j) for j in range(8)))
-    steps = [(np.uint64(lo), np.uint64(hi), np.uint64(shift)) for lo, hi, shift in _lane_masks(bits)]
-    words = flat[: full * 8].view("<u8")
-    wide = out[: full * bits].view(_WORD_OF.get(bits, "u1"))
-    planes = out[: full * bits].reshape(-1, bits)
-    for s in range(0, full, _WORDS_PER_CHUNK):
-        e = min(s + _WORDS_PER_CHUNK, full)
-        x = np.bitwise_and(words[s:e], keep)
-        t = np.empty_like(x)
-        for lo, hi, shift in steps:
-            np.bitwise_and(x, hi, out=t)
-            np.right_shift(t, shift, out=t)
-            np.bitwise_and(x, lo, out=x)
-            np.bitwise_or(x, t, out=x)
-        if bits in _WORD_OF:  # the word's low 16 or 32 bits, as a contiguous cast
-            wide[s:e] = x
-        else:  # byte j of each word's stream: one strided plane per byte
-            for j in range(bits):
-                planes[s:e, j] = x if j == 0 else x >> np.uint64(8 * j)
-    if count > full * 8:  # the last, partial word: padded with zero levels
-        tail = np.zeros(8, dtype=np.uint8)
-        tail[: count - full * 8] = flat[full * 8 :]
-        out[full * bits :] = pack_bits(tail, bits)
-    return out[:nbytes]
-
-
-def unpack_bits(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
-    """Inverse of :func:`pack_bits`: ``count`` unsigned integers of ``bits`` bits each (the merge steps undone in
-    reverse order, chunk by chunk)."""
-    packed = np.ascontiguousarray(packed, dtype=np.uint8).reshape(-1)
-    if packed.size * 8 < count * bits:
-        raise QvecError(f"packed stream holds {packed.size * 8} bits, {count * bits} needed for {count} codes")
-    if bits == 8:
-        return packed[:count].copy()
-    full = count // 8
-    out = np.empty(-(-count // 8) * 8, dtype=np.uint8)
-    steps = [(np.uint64(lo), np.uint64(shift)) for lo, _, shift in reversed(_lane_masks(bits))]
-    lanes = (32, 16, 8)
-    src = packed[: full * bits]
-    wide = src.view(_WORD_OF.get(bits, "u1"))
-    planes = src.reshape(-1, bits)
-    for s in range(0, full, _WORDS_PER_CHUNK):
-        e = min(s + _WORDS_PER_CHUNK, full)
-        if bits in _WORD_OF:
-            x = wide[s:e].astype(np.uint64)
-        else:
-            x = planes[s:e, 0].astype(np.uint64)
-            for j in range(1, bits):
-                x |= planes[s:e, j].astype(np.uint64) << np.uint64(8 * j)
-        t = np.empty_like(x)
-        for (lo, shift), lane in zip(steps, lanes, strict=True):
-            # lanes of 2*lane bits hold a value in their low bits: move its upper half to the upper lane
-            np.left_shift(x, shift, out=t)
-            np.bitwise_and(t, lo << np.uint64(lane), out=t)
-            np.bitwise_and(x, lo, out=x)
-            np.bitwise_or(x, t, out=x)
-        out[s * 8 : e * 8] = x.view(np.uint8)
-    if count > full * 8:
-        tail = np.zeros(bits, dtype=np.uint8)
-        rest = packed[full * bits : -(-count * bits // 8)]
-        tail[: rest.size] = rest
-        out[full * 8 :] = unpack_bits(tail, bits, 8)
-    return out[:count]
 
 
 @dataclass
@@ -169,25 +72,8 @@ def _scale_dtype_for(scale: torch.Tensor, wanted: torch.dtype) -> torch.dtype:
     return wanted
 
 
-def read_levels(w: torch.Tensor, grid: QuantSpec, qparams: tuple) -> np.ndarray:
-    """The unsigned levels ``q - qmin`` of a weight already on ``grid`` under its ``qparams`` = (scale, zero), as a
-    flat uint8 array in the order of the grouped view: :func:`qvec.quant.grid.quantize_codes`, run on cache-sized
-    chunks of rows (of columns for a per-tensor grid) so that its elementwise passes do not each stream the whole
-    weight through memory."""
-    g = grouped_view(w.detach(), grid)
-    scale, zero = qparams
-    out = torch.empty(g.shape, dtype=torch.uint8)
-    rows, cols = g.shape
-    if rows == 1:  # one scale for the whole tensor: chunks of columns
-        step = _CODE_CHUNK_ELEMS
-        for c in range(0, cols, step):
-            out[:, c : c + step] = quantize_codes(g[:, c : c + step], grid, (scale, zero))[0]
-    else:
-        step = max(1, _CODE_CHUNK_ELEMS // cols)
-        for r in range(0, rows, step):
-            part = (scale[r : r + step], zero[r : r + step] if zero is not None else None)
-            out[r : r + step] = quantize_codes(g[r : r + step], grid, part)[0]
-    return out.numpy().reshape(-1)
+#: (bit-packed codes, scale, zero) of one quantized weight (:func:`qvec.quant.bitpack.packed_codes`)
+Stream = tuple[np.ndarray, torch.Tensor, "torch.Tensor | None"]
 
 
 def pack_state(
@@ -196,24 +82,64 @@ def pack_state(
 ) -> tuple[dict[str, torch.Tensor], dict[str, list[int]]]:
     """Tensors of a packed checkpoint, and the original shape of every packed weight. ``qparams`` holds the
     (scale, zero) of each quantized weight, whose values in ``state`` are on the grid: its codes are read back
-    exactly. Integer zero points are stored as uint8, real-valued ones (HQQ) as fp16."""
-    out: dict[str, torch.Tensor] = {}
-    shapes: dict[str, list[int]] = {}
+    exactly."""
+    out = dict(_kept(state, qparams))
+    for k, qp in qparams.items():
+        out.update(_stored(k, packed_codes(state[k], grid, qp), scale_dtype))
+    return out, {k: list(state[k].shape) for k in state if k in qparams}
+
+
+def _kept(state: dict[str, torch.Tensor], packed: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors a packed file keeps as they are: all but the ``packed`` ones (NaN/Inf refused)."""
+    packed = set(packed)
     for k, t in state.items():
-        if k not in qparams:
-            if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t.sum())) and not bool(
-                    torch.isfinite(t).all()):
-                raise NonFiniteWeightError(f"{k}: tensor contains NaN or Inf")
-            out[k] = t
+        if k in packed:
             continue
-        scale, zero = qparams[k]
-        out[k + CODES] = torch.from_numpy(pack_bits(read_levels(t, grid, (scale, zero)), grid.bits))
-        out[k + SCALE] = scale.to(_scale_dtype_for(scale, scale_dtype))
-        if zero is not None:
-            integral = bool(torch.equal(zero, torch.round(zero)))
-            out[k + ZERO] = zero.to(torch.uint8) if integral else zero.to(torch.float16)
-        shapes[k] = list(t.shape)
-    return out, shapes
+        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t.sum())) and not bool(
+                torch.isfinite(t).all()):
+            raise NonFiniteWeightError(f"{k}: tensor contains NaN or Inf")
+        yield k, t
+
+
+def _stored(key: str, stream: Stream, scale_dtype: torch.dtype) -> list[tuple[str, torch.Tensor]]:
+    """A packed weight's tensors in the file: its codes, its scales (fp16 when they fit) and its zero points
+    (integer ones as uint8, real-valued ones, HQQ's, as fp16)."""
+    codes, scale, zero = stream
+    out = [(key + CODES, torch.from_numpy(codes)), (key + SCALE, scale.to(_scale_dtype_for(scale, scale_dtype)))]
+    if zero is not None:
+        integral = bool(torch.equal(zero, torch.round(zero)))
+        out.append((key + ZERO, zero.to(torch.uint8) if integral else zero.to(torch.float16)))
+    return out
+
+
+def _ptq_streams(ckpt: Checkpoint, quant: QuantizerConfig | QuantSpec, targets: TargetFilter | bool, calibration,
+                 calibration_size: int
+                 ) -> tuple[QuantizerConfig, dict[str, str], dict[str, torch.Tensor], list[tuple[str, Stream]]]:
+    """The quantizer, header and tensors of ``ckpt``'s PTQ, and the packed code stream of each target. A
+    data-free quantizer packs each weight straight from ``ckpt`` (:meth:`QuantizerConfig.pack_weight`: no
+    fake-quantized copy of the model for RTN); otherwise the codes are read back from the quantized checkpoint."""
+    if not isinstance(ckpt, QuantizedCheckpoint):
+        plan = plan_ptq(ckpt, quant, targets, calibration=calibration)
+        if plan.config.weight_local:
+            config, state = plan.config, ckpt.state
+            return config, plan.meta(ckpt), state, _streams(plan.keys, lambda k: config.pack_weight(state[k]))
+        ckpt = quantize_checkpoint(ckpt, plan.config, plan.targets, calibration=calibration,
+                                   calibration_size=calibration_size)
+    assert ckpt.config is not None
+    q, grid = ckpt, ckpt.config.grid
+    return q.config, q.meta, q.state, _streams(list(q.qparams), lambda k: packed_codes(q.state[k], grid, q.qparams[k]))
+
+
+def _streams(keys: list[str], pack_one: Callable[[str], Stream]) -> list[tuple[str, Stream]]:
+    """``(key, pack_one(key))`` of every key, several weights at once (:func:`qvec.core.threads.map_threads`:
+    one weight's packing is a string of small operations that leave a core idle)."""
+    def one(k: str) -> tuple[str, Stream]:
+        try:
+            return k, pack_one(k)
+        except NonFiniteWeightError as e:
+            raise NonFiniteWeightError(f"{k}: {e}") from None
+
+    return map_threads(one, keys)
 
 
 def _check_packed_header(shapes: object, dtypes: object) -> None:
@@ -279,33 +205,30 @@ def pack_checkpoint(
     exactly, in the same format for every quantizer."""
     if scale_dtype not in SCALE_DTYPES:
         raise QvecError(f"scale dtype must be one of {', '.join(SCALE_DTYPES)}, got {scale_dtype!r}")
-    q = ckpt if isinstance(ckpt, QuantizedCheckpoint) else quantize_checkpoint(
-        ckpt, quant, targets, calibration=calibration, calibration_size=calibration_size)
-    assert q.config is not None
-    grid = q.config.grid
-    for k in q.qparams:
-        grouped_view(q.state[k], grid)  # validates the group size up front, before anything is written
     try:
-        tensors, shapes = pack_state(q.state, q.qparams, grid, SCALE_DTYPES[scale_dtype])
+        config, meta, state, streams = _ptq_streams(ckpt, quant, targets, calibration, calibration_size)
+        tensors = dict(_kept(state, dict(streams)))
+        for k, stream in streams:
+            tensors.update(_stored(k, stream, SCALE_DTYPES[scale_dtype]))
     except NonFiniteWeightError as e:
         raise NonFiniteWeightError(f"{ckpt.name()}: {e}") from None
-    meta = {k: v for k, v in q.meta.items() if k != META_FORMAT}
+    packed = dict(streams)
+    shapes = {k: list(state[k].shape) for k in state if k in packed}
+    meta = {k: v for k, v in meta.items() if k != META_FORMAT}
     meta[META_FORMAT] = FORMAT_PACKED
     meta[META_PACKED] = json.dumps(
         {
-            "quant": grid.to_dict(),
+            "quant": config.grid.to_dict(),
             "shapes": shapes,
             "dtypes": {k: str(ckpt.state[k].dtype).removeprefix("torch.") for k in shapes},
             "scale_dtype": scale_dtype,
         }
     )
     save_safetensors(out, tensors, meta)
+    q_packed = sum(tensors[k + s].numel() * tensors[k + s].element_size() for k in shapes for s in (CODES, SCALE, ZERO)
+                   if k + s in tensors)
     n_all = sum(t.numel() for t in ckpt.state.values() if t.is_floating_point())
     q_fp32 = sum(ckpt.state[k].numel() * 4 for k in shapes)
-    q_packed = sum(
-        tensors[k + s].numel() * tensors[k + s].element_size() for k in shapes for s in (CODES, SCALE, ZERO)
-        if k + s in tensors
-    )
     return PackReport(
         packed_bytes=Path(out).stat().st_size,
         fp32_bytes=n_all * 4,

@@ -71,6 +71,42 @@ class QuantizedCheckpoint(Checkpoint):
         return self.config.bits_per_weight(tuple(self.state[k].shape) for k in self.qparams)
 
 
+@dataclass
+class PTQPlan:
+    """A PTQ of one checkpoint, checked before any weight is touched: the quantizer, its targets' keys, and the
+    record the quantized checkpoint's header will carry."""
+
+    config: QuantizerConfig
+    targets: TargetFilter
+    spec: ModelSpec
+    keys: list[str]
+    record: dict
+
+    def meta(self, ckpt: Checkpoint) -> dict[str, str]:
+        """``ckpt``'s header with the quantizer recorded and the kind marked ``+ptq``."""
+        meta = dict(ckpt.meta)
+        meta[META_QUANT] = json.dumps(self.record)
+        meta[META_KIND] = f"{meta.get(META_KIND, 'model')}+ptq"
+        return meta
+
+
+def plan_ptq(ckpt: Checkpoint, quant: QuantizerConfig | QuantSpec, targets: TargetFilter | bool = ALL_TARGETS,
+             spec: ModelSpec | None = None, calibration: object = None) -> PTQPlan:
+    """Check a PTQ of ``ckpt`` (its targets are in it, the group size divides them, calibration images only for
+    a quantizer that takes them) and say what it will record."""
+    quant, targets, spec = as_quantizer(quant), TargetFilter.of(targets), spec or ckpt.model_spec
+    keys = target_keys(spec, targets, ckpt.state, ckpt.name())
+    missing = [k for k in keys if k not in ckpt.state]
+    if missing:
+        raise QvecError(f"{ckpt.name()}: quantization target {missing[0]!r} is not in the checkpoint (is it a {spec}?)")
+    check_group_size(quant.grid, {k: tuple(ckpt.state[k].shape) for k in keys}, ckpt.name())
+    if calibration is not None and not quant.needs_calibration:
+        raise QvecError(f"{quant.label} needs no calibration images; got some")
+    record = {**quant.to_dict(), "include_in_proj": targets.in_proj, **({"skip": list(targets.skip)}
+                                                                        if targets.skip else {})}
+    return PTQPlan(quant, targets, spec, keys, record)
+
+
 def quantize_checkpoint(
     ckpt: Checkpoint, quant: QuantizerConfig | QuantSpec, targets: TargetFilter | bool = ALL_TARGETS,
     spec: ModelSpec | None = None, calibration: torch.Tensor | ProbeSet | str | None = None,
@@ -83,31 +119,20 @@ def quantize_checkpoint(
     probe set, or a folder, ``.npz`` or ``noise`` of which ``calibration_size`` images are used (unlabeled). The
     result keeps float tensors, so any PyTorch code can run it; ``qvec pack`` stores the real low-bit codes.
     """
-    quant, targets, spec = as_quantizer(quant), TargetFilter.of(targets), spec or ckpt.model_spec
-    keys = target_keys(spec, targets, ckpt.state, ckpt.name())
-    missing = [k for k in keys if k not in ckpt.state]
-    if missing:
-        raise QvecError(f"{ckpt.name()}: quantization target {missing[0]!r} is not in the checkpoint (is it a {spec}?)")
-    check_group_size(quant.grid, {k: tuple(ckpt.state[k].shape) for k in keys}, ckpt.name())
-    record = {**quant.to_dict(), "include_in_proj": targets.in_proj, **({"skip": list(targets.skip)}
-                                                                        if targets.skip else {})}
+    plan = plan_ptq(ckpt, quant, targets, spec, calibration)
+    quant, targets, spec = plan.config, plan.targets, plan.spec
     try:
         if quant.needs_calibration:
-            state, qparams, record["calibration"] = _calibrated(ckpt, quant, targets, spec, calibration,
-                                                                calibration_size)
+            state, qparams, plan.record["calibration"] = _calibrated(ckpt, quant, targets, spec, calibration,
+                                                                     calibration_size)
         elif quant.weight_local:
-            if calibration is not None:
-                raise QvecError(f"{quant.label} needs no calibration images; got some")
             state = {k: v.clone() for k, v in ckpt.state.items()}
-            qparams = quantize_state_dict_(state, keys, quant)
+            qparams = quantize_state_dict_(state, plan.keys, quant)
         else:
             state, qparams = _on_model(ckpt, quant, targets, spec, None)
     except NonFiniteWeightError as e:
         raise NonFiniteWeightError(f"{ckpt.name()}: {e}") from None
-    meta = dict(ckpt.meta)
-    meta[META_QUANT] = json.dumps(record)
-    meta[META_KIND] = f"{meta.get(META_KIND, 'model')}+ptq"
-    return QuantizedCheckpoint(state, meta, None, quant, qparams)
+    return QuantizedCheckpoint(state, plan.meta(ckpt), None, quant, qparams)
 
 
 def _calibrated(ckpt: Checkpoint, quant: QuantizerConfig, targets: TargetFilter, spec: ModelSpec, calibration,

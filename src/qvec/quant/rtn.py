@@ -7,11 +7,13 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
+import numpy as np
 import torch
 from torch import nn
 
 from qvec.core.errors import QvecError
 from qvec.quant.base import QParams, QuantizerConfig, register_quantizer
+from qvec.quant.bitpack import packed_codes
 from qvec.quant.grid import NonFiniteWeightError, fake_quantize_
 from qvec.quant.targets import Target
 
@@ -28,6 +30,10 @@ class RTN(QuantizerConfig):
         out = w.detach().clone(memory_format=torch.contiguous_format)
         scale, zero = fake_quantize_(out, self.grid)
         return out, scale, zero
+
+    def pack_weight(self, w: torch.Tensor) -> tuple[np.ndarray, torch.Tensor, torch.Tensor | None]:
+        """The codes computed and packed chunk by chunk from ``w`` itself: no reconstruction is written."""
+        return packed_codes(w, self.grid)
 
     def quantize_model_(self, model: nn.Module, targets: Sequence[Target],
                         calibration: torch.Tensor | None) -> dict[str, QParams]:
