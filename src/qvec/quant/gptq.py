@@ -93,9 +93,15 @@ def _block_of(key: str) -> str:
     return key
 
 
+#: Columns per panel of the Hessian product: X^T X is symmetric, so only the panels on and above the diagonal
+#: are computed (about half the products for a 3072-wide input), each still one large matrix product.
+_PANEL = 256
+
+
 class _Hessian:
-    """H = 2 X^T X / N of a module's inputs, collected by a forward pre-hook: each batch's X^T X is one product in
-    ``dtype`` (float32 halves its cost; :data:`HESSIAN_DTYPE` says which is used and why), summed in float64."""
+    """H = 2 X^T X / N of a module's inputs, collected by a forward pre-hook: each batch's X^T X in ``dtype``
+    (float32 halves its cost; :data:`HESSIAN_DTYPE` says which is used and why), summed in float64. Only the
+    upper triangle is computed, panel by panel (:data:`_PANEL`), and mirrored once at the end."""
 
     def __init__(self, cols: int, dtype: torch.dtype = torch.float64) -> None:
         self.sum = torch.zeros(cols, cols, dtype=torch.float64)
@@ -108,17 +114,39 @@ class _Hessian:
             x = x.transpose(0, 1)
         x = x.reshape(-1, x.shape[-1]).to(self.dtype)
         self.n += x.shape[0]
-        self.sum += x.T @ x
+        cols = x.shape[1]
+        for i in range(0, cols, _PANEL):
+            rows = self.sum[i : i + _PANEL, i:]
+            if x.dtype == torch.float64:
+                rows.addmm_(x[:, i : i + _PANEL].T, x[:, i:])
+            else:
+                rows += x[:, i : i + _PANEL].T @ x[:, i:]
 
     @property
     def h(self) -> torch.Tensor:
-        return self.sum * (2.0 / max(1, self.n))
+        upper = self.sum.triu()
+        return (upper + upper.triu(1).T) * (2.0 / max(1, self.n))
+
+
+@dataclass
+class _Prepared:
+    """One weight ready for GPTQ's column loop: permuted (act_order), with RTN's per-element scales and zeros and
+    the upper Cholesky factor of its damped inverse Hessian (float32)."""
+
+    shape: torch.Size
+    dtype: torch.dtype
+    W: torch.Tensor
+    Hinv: torch.Tensor
+    S: torch.Tensor
+    Z: torch.Tensor | None
+    perm: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor | None
 
 
 @torch.no_grad()
-def gptq_weight(w: torch.Tensor, h: torch.Tensor, config: GPTQConfig) -> tuple[torch.Tensor, torch.Tensor,
-                                                                              torch.Tensor | None]:
-    """GPTQ of one 2-D weight given its Hessian; returns (quantized weight, RTN scales, zeros) on RTN's grid."""
+def _prepare(w: torch.Tensor, h: torch.Tensor, config: GPTQConfig) -> _Prepared:
+    """The factorization of GPTQ of one weight: one large LAPACK job, which uses all of torch's threads."""
     spec = config.grid
     w0 = w.detach().float().reshape(w.shape[0], -1)
     scale, zero = compute_qparams(w0, spec)
@@ -143,8 +171,17 @@ def gptq_weight(w: torch.Tensor, h: torch.Tensor, config: GPTQConfig) -> tuple[t
             continue
     else:
         raise QvecError("GPTQ: the layer Hessian is not positive definite even with 1000x damping")
+    return _Prepared(w.shape, w.dtype, W, Hinv, S, Z, perm, scale, zero)
+
+
+@torch.no_grad()
+def _solve(p: _Prepared, config: GPTQConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """GPTQ's column loop: each column rounded, its error spread over the columns not yet quantized (lazy batch
+    updates over blocks of ``block_size`` columns). Thousands of small operations: best on one thread."""
+    W, Hinv, S, Z = p.W, p.Hinv, p.S, p.Z
+    cols = W.shape[1]
     Q = torch.zeros_like(W)
-    lo, hi = spec.qmin, spec.qmax
+    lo, hi = config.grid.qmin, config.grid.qmax
     B = config.block_size
     for i1 in range(0, cols, B):
         i2 = min(i1 + B, cols)
@@ -163,8 +200,14 @@ def gptq_weight(w: torch.Tensor, h: torch.Tensor, config: GPTQConfig) -> tuple[t
             W1[:, i:] -= err.unsqueeze(1) @ Hb[i, i:].unsqueeze(0)
             E1[:, i] = err
         W[:, i2:] -= E1 @ Hinv[i1:i2, i2:]
-    Q = Q[:, torch.argsort(perm)]
-    return Q.reshape(w.shape).to(w.dtype), scale, zero
+    Q = Q[:, torch.argsort(p.perm)]
+    return Q.reshape(p.shape).to(p.dtype), p.scale, p.zero
+
+
+def gptq_weight(w: torch.Tensor, h: torch.Tensor, config: GPTQConfig) -> tuple[torch.Tensor, torch.Tensor,
+                                                                              torch.Tensor | None]:
+    """GPTQ of one 2-D weight given its Hessian; returns (quantized weight, RTN scales, zeros) on RTN's grid."""
+    return _solve(_prepare(w, h, config), config)
 
 
 def _collect(members: Sequence[Target], run: Callable[[], None], dtype: torch.dtype) -> dict[str, _Hessian]:
@@ -183,11 +226,15 @@ def _collect(members: Sequence[Target], run: Callable[[], None], dtype: torch.dt
 
 def _quantize_members(members: Sequence[Target], hess: dict[str, _Hessian], config: GPTQConfig,
                       qparams: dict[str, tuple]) -> None:
-    with one_intraop_thread():  # the column loop is thousands of small operations (docs/deploy.md)
-        for t in members:
-            q, scale, zero = gptq_weight(t.weight, hess[t.key].h, config)
-            t.weight.copy_(q)
-            qparams[t.key] = (scale, zero)
+    """Solve a block's targets: each factorization on all of torch's threads (one large LAPACK job), then each
+    column loop on one intra-op thread (thousands of small operations, which a second thread only slows;
+    docs/deploy.md). The loops are Python-bound, so running two at once gains nothing."""
+    for t in members:
+        prepared = _prepare(t.weight, hess[t.key].h, config)
+        with one_intraop_thread():
+            q, scale, zero = _solve(prepared, config)
+        t.weight.copy_(q)
+        qparams[t.key] = (scale, zero)
 
 
 def _from_images(model: nn.Module, members: Sequence[Target], batches: Callable[[], Iterable[torch.Tensor]],
