@@ -178,7 +178,10 @@ class _ChunkPacker:
             q.add_(zero)
         if not direct:
             q.round_()
-        return q.clamp_(self.grid.qmin, self.grid.qmax)
+        grid = self.grid
+        if direct and grid.symmetric and not grid.full_range:  # |w| <= max|w| = qmax * s: already in range
+            return q
+        return q.clamp_(grid.qmin, grid.qmax)
 
     def pack(self, codes: torch.Tensor, out: np.ndarray, start: int) -> None:
         """Write the levels ``codes - qmin`` bit-packed into ``out`` from byte ``start`` on. ``out`` has a byte to
