@@ -2,10 +2,10 @@
 (the time does not depend on their values). Target (issue 20): ViT-B/16 at 224 px, 128 images, GPTQ <= 3x one
 forward pass.
 
-GPTQ = one pass over cached block inputs (each block: its layers' Hessians, the per-layer Cholesky solves and column
-updates, then the quantized block run once for the next block's inputs); RTN = one pass over the weights. Both at
-3-bit symmetric per-channel. ``--hessian-dtype float32`` times the cheaper Hessian products (which change the codes;
-docs/deploy.md).
+GPTQ = one pass over cached block inputs (each block: its layers' Hessians, in panels of the upper triangle; the
+per-layer Cholesky factorizations, on every thread, and column loops, on one; then the quantized block run once for
+the next block's inputs); RTN = one pass over the weights. Both at 3-bit symmetric per-channel.
+``--hessian-dtype float32`` times the cheaper Hessian products (which change the codes; docs/deploy.md).
 
     python benchmarks/bench_gptq.py [--model timm:vit_base_patch16_224] [--images 128] [--threads 2]
 """

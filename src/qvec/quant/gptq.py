@@ -158,13 +158,15 @@ def _prepare(w: torch.Tensor, h: torch.Tensor, config: GPTQConfig) -> _Prepared:
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
     perm = torch.argsort(torch.diag(H), descending=True) if config.act_order else torch.arange(cols)
-    W, H = W[:, perm], H[perm][:, perm]
+    W, H = W[:, perm], H[perm[:, None], perm]
     S = s_full[:, perm]
     Z = z_full[:, perm] if z_full is not None else None
     damp = config.damp * torch.diag(H).mean()
     for attempt in range(4):
         try:
-            L = torch.linalg.cholesky(H + (damp * 10**attempt) * torch.eye(cols, dtype=H.dtype))
+            damped = H.clone()
+            damped.diagonal().add_(damp * 10**attempt)
+            L = torch.linalg.cholesky(damped)
             Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True).float()
             break
         except RuntimeError:  # torch.linalg.LinAlgError: not positive definite; damp more
@@ -356,7 +358,8 @@ def gptq_quantize_(model: nn.Module, config: GPTQConfig, targets: Sequence[Targe
                 if name in groups:
                     hess = _block_hessians(block, groups[name], cache, hessian_dtype)
                     _quantize_members(groups[name], hess, config, qparams)
-                advance(block, cache)
+                if name != chain[-1]:  # the last block's outputs feed no block that is still to be quantized
+                    advance(block, cache)
             for n in names[names.index(span[-1]) + 1 :]:
                 _from_images(model, groups[n], again, config, qparams, hessian_dtype)
     finally:
