@@ -10,6 +10,7 @@ configuration timed in turn within each repeat (interleaved), in this process; p
 fresh process per configuration (load the model, run one batch of 32).
 
     python benchmarks/bench_export.py [--model timm:vit_base_patch16_224] [--checkpoint FT.safetensors --task mnist]
+    python benchmarks/bench_export.py --skip-speed --profile --threads 2   # batch-1 time by ONNX op type
 """
 
 from __future__ import annotations
@@ -128,6 +129,56 @@ def speed(spec: ModelSpec, repeats: int, batches: tuple[int, ...], threads: tupl
                     print(f"| {k} | {1e3 * v:.1f} | {b / v:.1f} | {lat['ORT float'] / v:.2f} |")
 
 
+def op_times(path: Path, threads: int, x: np.ndarray, repeats: int) -> dict[str, float]:
+    """Milliseconds per run spent in each ONNX op type, from ONNX Runtime's own profile of ``repeats`` runs (after
+    one warm-up run, which the profile also holds and is left out)."""
+    import json
+
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    options.enable_profiling = True
+    with tempfile.TemporaryDirectory() as d:
+        options.profile_file_prefix = str(Path(d) / "ort")
+        s = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        for _ in range(repeats + 1):
+            s.run(None, {"pixels": x})
+        events = json.loads(Path(s.end_profiling()).read_text())
+    runs = [e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"]
+    start = runs[1]["ts"] if len(runs) > 1 else 0  # skip the warm-up run
+    totals: dict[str, float] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time") and e["ts"] >= start:
+            op = e.get("args", {}).get("op_name", "?")
+            totals[op] = totals.get(op, 0.0) + e["dur"] / 1e3 / repeats
+    return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
+
+
+def where_time_goes(spec: ModelSpec, threads: int, repeats: int) -> None:
+    """Batch 1: the ONNX Runtime profile of float ONNX against the 4-bit exports, by op type."""
+    torch.manual_seed(0)
+    model = build_model(spec).eval()
+    size = get_adapter(spec).data_config(spec, model).image_size
+    x = np.random.default_rng(1).standard_normal((1, 3, size, size), dtype=np.float32)
+    with tempfile.TemporaryDirectory() as d:
+        paths = export_all(checkpoint_from_model(model, spec), Path(d))
+        names = ["float", "w4", "w4 acc4"]
+        times = {k: op_times(paths[k], threads, x, repeats) for k in names}
+    totals = {k: sum(t.values()) for k, t in times.items()}
+    ops = sorted({op for t in times.values() for op in t}, key=lambda op: -max(t.get(op, 0.0) for t in times.values()))
+    shown = [op for op in ops if any(times[k].get(op, 0.0) >= 0.01 * totals[k] for k in names)]  # 1% or more
+    print(f"\n## Where the time goes: {spec}, batch 1, {threads} thread(s), ms per image by op type (ONNX Runtime "
+          f"profile, mean of {repeats} runs); load average {os.getloadavg()}")
+    print("\n| op type | " + " | ".join(f"ORT {k}" for k in names) + " |")
+    print("|---|" + "---:|" * len(names))
+    for op in shown:
+        print(f"| {op} | " + " | ".join(f"{times[k].get(op, 0.0):.1f}" for k in names) + " |")
+    print("| other ops | " + " | ".join(
+        f"{sum(v for op, v in times[k].items() if op not in shown):.1f}" for k in names) + " |")
+    print("| all | " + " | ".join(f"{totals[k]:.1f}" for k in names) + " |")
+
+
 def accuracy(path: Path, task_name: str, data: str | None, threads: int, limit: int | None) -> None:
     from qvec.data.tasks import get_task
     from qvec.deploy.runtime import evaluate_onnx
@@ -163,6 +214,8 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--skip-speed", action="store_true")
+    ap.add_argument("--profile", action="store_true",
+                    help="also show where the batch-1 time goes, by ONNX op type, at each --threads")
     ap.add_argument("--rss", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--size", type=int, default=224, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -174,6 +227,9 @@ def main() -> None:
     print(f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, {os.cpu_count()} cores")
     if not args.skip_speed:
         speed(ModelSpec.parse(args.model, num_classes=10), args.repeats, tuple(args.batches), tuple(args.threads))
+    if args.profile:
+        for t in args.threads:
+            where_time_goes(ModelSpec.parse(args.model, num_classes=10), t, args.repeats)
     if args.checkpoint:
         accuracy(args.checkpoint, args.task, args.data, max(args.threads), args.limit)
 
