@@ -103,6 +103,12 @@ def test_rtn_pack_refuses_non_finite_weights():
             RTN(QuantSpec(3, symmetric=False)).pack_weight(w)
 
 
+def test_empty_weight_is_one_line():
+    for quantize in (RTN(QuantSpec(3)).pack_weight, RTN(QuantSpec(3)).quantize_weight):
+        with pytest.raises(QvecError, match=r"cannot quantize an empty weight \(shape \(0, 8\)\)"):
+            quantize(torch.zeros(0, 8))
+
+
 def test_unpack_rejects_short_stream():
     with pytest.raises(QvecError, match="packed stream holds"):
         unpack_bits(np.zeros(2, np.uint8), 3, 10)

@@ -129,6 +129,8 @@ def check_group_size(spec: QuantSpec, shapes: Mapping[str, Sequence[int]], sourc
 
 def grouped_view(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """``w`` viewed as (rows, cols), each row sharing one scale (a view when ``w`` is contiguous)."""
+    if w.numel() == 0:
+        raise QvecError(f"cannot quantize an empty weight (shape {tuple(w.shape)})")
     if w.ndim < 2 and spec.granularity != "tensor":
         raise QvecError(f"{spec.granularity} quantization needs a 2-D weight, got shape {tuple(w.shape)}")
     if spec.granularity == "tensor":
