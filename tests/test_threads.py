@@ -1,5 +1,7 @@
 """qvec.core.threads: independent torch jobs on worker threads, one intra-op thread each."""
 
+import time
+
 import pytest
 import torch
 
@@ -35,3 +37,20 @@ def test_one_intraop_thread_restores_on_error():
         assert torch.get_num_threads() == 1
         raise RuntimeError("x")
     assert torch.get_num_threads() == before
+
+
+def test_imap_threads_yields_in_order_and_drops_work_when_the_caller_stops():
+    from qvec.core.threads import imap_threads
+
+    before = torch.get_num_threads()
+    done = []
+
+    def job(i: int) -> int:
+        time.sleep(0.005)
+        done.append(i)
+        return i * i
+
+    results = imap_threads(job, list(range(200)), workers=2)
+    assert [next(results) for _ in range(3)] == [0, 1, 4]
+    results.close()  # the caller stops: work not started is cancelled, torch's threads come back
+    assert len(done) < 200 and torch.get_num_threads() == before

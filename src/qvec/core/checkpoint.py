@@ -11,7 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from qvec import __version__
 from qvec.core.atomic import atomic_path, file_kind, note_input
 from qvec.core.errors import QvecError
 from qvec.core.limits import check_fits
+from qvec.core.safetensors_writer import SafetensorsWriter, header_room, write_safetensors_stream
 from qvec.core.schema import (  # noqa: F401  (the header keys live in qvec.schema; imported from here by other modules)
     FORMAT_CHECKPOINT,
     META_CLASSES,
@@ -42,43 +44,34 @@ def save_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor
     """Write tensors and string metadata atomically; each tensor's own bytes are written, so tensors that are
     views of a larger storage, or share one, need no copy. The header gets ``qvec.schema`` and ``qvec.version``
     (:func:`qvec.schema.stamp_header`)."""
-    meta = {str(k): (v if isinstance(v, str) else json.dumps(v)) for k, v in metadata.items()}
-    meta = stamp_header(meta, __version__, path)  # qvec.schema, qvec.version and the format's required keys
-    clean = {k: v.detach().contiguous() for k, v in tensors.items()}
+    meta = _stamped(metadata, path)
     # safetensors' save_file renames a temporary file of its own (mode 0600, left behind when killed), so the file
     # is streamed here, tensor by tensor, into qvec's atomic writer: no second copy of the model in memory.
     with atomic_path(path) as tmp:
         with open(tmp, "xb") as f:
-            write_safetensors_stream(f, clean, meta)
+            write_safetensors_stream(f, tensors, meta)
             f.flush()
             os.fsync(f.fileno())
 
 
-_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-              torch.bool: "BOOL"}
+def _stamped(metadata: Mapping, path: str | os.PathLike) -> dict[str, str]:
+    meta = {str(k): (v if isinstance(v, str) else json.dumps(v)) for k, v in metadata.items()}
+    return stamp_header(meta, __version__, path)  # qvec.schema, qvec.version and the format's required keys
 
 
-def write_safetensors_stream(f, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
-    """The safetensors format written to an open binary file: an 8-byte little-endian header length, the JSON
-    header (dtype, shape, byte offsets; ``__metadata__``), padded with spaces to 8 bytes, then the raw tensors."""
-    header: dict = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}  # same bytes every time
-    offset, order = 0, sorted(tensors)
-    for k in order:
-        t = tensors[k]
-        if t.dtype not in _ST_DTYPES:
-            raise QvecError(f"tensor {k!r}: dtype {t.dtype} cannot be stored in safetensors")
-        n = t.numel() * t.element_size()
-        header[k] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    f.write(len(raw).to_bytes(8, "little"))
-    f.write(raw)
-    for k in order:
-        t = tensors[k].detach().cpu().contiguous()
-        if t.numel():
-            f.write(t.reshape(-1).view(torch.uint8).numpy())  # the tensor's own bytes, not a copy of them
+@contextmanager
+def safetensors_writer(path: str | os.PathLike, metadata: Mapping, shapes: Iterable[tuple[str, Sequence[int]]],
+                       max_bytes: int) -> Iterator[SafetensorsWriter]:
+    """A safetensors file at ``path`` written tensor by tensor while the caller makes them
+    (:class:`SafetensorsWriter`), atomically, its header stamped like :func:`save_safetensors`'. ``shapes``, the
+    (key, shape) of every tensor that may be added, and ``max_bytes``, their bytes in all at most, size the
+    header's room."""
+    meta = _stamped(metadata, path)
+    with atomic_path(path) as tmp, open(tmp, "xb") as f:
+        writer = SafetensorsWriter(f, header_room(shapes, meta, max_bytes))
+        yield writer
+        writer.finish(meta)
+        os.fsync(f.fileno())
 
 
 def require_file(path: str | os.PathLike, what: str = "file") -> Path:

@@ -35,11 +35,23 @@ def one_intraop_thread() -> Iterator[None]:
             torch.set_num_threads(old)
 
 
-def map_threads(fn: Callable[[T], R], items: Sequence[T], workers: int | None = None) -> list[R]:
-    """``[fn(x) for x in items]``, computed by ``workers`` threads (torch's intra-op thread count by default),
-    each running torch on one intra-op thread; the first exception in ``items`` order is raised."""
+def imap_threads(fn: Callable[[T], R], items: Sequence[T], workers: int | None = None) -> Iterator[R]:
+    """``fn(x)`` of each of ``items``, in order, as soon as it is ready: computed by ``workers`` threads (torch's
+    intra-op thread count by default), each running torch on one intra-op thread, while the caller uses the
+    results before. The first exception in ``items`` order is raised; work not started when the caller stops is
+    dropped."""
     workers = torch.get_num_threads() if workers is None else workers
     if workers <= 1 or len(items) <= 1:
-        return [fn(x) for x in items]
+        yield from (fn(x) for x in items)
+        return
     with one_intraop_thread(), ThreadPoolExecutor(min(workers, len(items)), "qvec-worker") as pool:
-        return list(pool.map(fn, items))
+        try:
+            yield from pool.map(fn, items)
+        except BaseException:  # an error, or the caller stopped early (GeneratorExit)
+            pool.shutdown(cancel_futures=True)
+            raise
+
+
+def map_threads(fn: Callable[[T], R], items: Sequence[T], workers: int | None = None) -> list[R]:
+    """``[fn(x) for x in items]``, computed as :func:`imap_threads` does."""
+    return list(imap_threads(fn, items, workers))

@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qvec.core.checkpoint import Checkpoint, read_safetensors, save_safetensors
+from qvec.core.checkpoint import Checkpoint, read_safetensors, safetensors_writer
 from qvec.core.errors import QvecError
 from qvec.core.schema import FORMAT_PACKED, META_FORMAT, META_MODEL, META_PACKED, PACKED_SUFFIXES, check_header
-from qvec.core.threads import map_threads
+from qvec.core.threads import imap_threads
 from qvec.quant.base import QuantizerConfig
 from qvec.quant.bitpack import packed_codes, unpack_bits
 from qvec.quant.grid import NonFiniteWeightError, QuantSpec, dequantize_codes
@@ -114,32 +114,35 @@ def _stored(key: str, stream: Stream, scale_dtype: torch.dtype) -> list[tuple[st
 
 def _ptq_streams(ckpt: Checkpoint, quant: QuantizerConfig | QuantSpec, targets: TargetFilter | bool, calibration,
                  calibration_size: int
-                 ) -> tuple[QuantizerConfig, dict[str, str], dict[str, torch.Tensor], list[tuple[str, Stream]]]:
-    """The quantizer, header and tensors of ``ckpt``'s PTQ, and the packed code stream of each target. A
-    data-free quantizer packs each weight straight from ``ckpt`` (:meth:`QuantizerConfig.pack_weight`: no
-    fake-quantized copy of the model for RTN); otherwise the codes are read back from the quantized checkpoint."""
+                 ) -> tuple[QuantizerConfig, dict[str, str], dict[str, torch.Tensor], list[str], Iterator]:
+    """The quantizer, header, tensors and target keys of ``ckpt``'s PTQ, all checked; and the packed code stream of
+    each target, made as it is asked for. A data-free quantizer packs each weight straight from ``ckpt``
+    (:meth:`QuantizerConfig.pack_weight`: no fake-quantized copy of the model for RTN); otherwise the codes are
+    read back from the quantized checkpoint."""
     if not isinstance(ckpt, QuantizedCheckpoint):
         plan = plan_ptq(ckpt, quant, targets, calibration=calibration)
         if plan.config.weight_local:
             config, state = plan.config, ckpt.state
-            return config, plan.meta(ckpt), state, _streams(plan.keys, lambda k: config.pack_weight(state[k]))
+            return (config, plan.meta(ckpt), state, plan.keys,
+                    _streams(plan.keys, lambda k: config.pack_weight(state[k])))
         ckpt = quantize_checkpoint(ckpt, plan.config, plan.targets, calibration=calibration,
                                    calibration_size=calibration_size)
     assert ckpt.config is not None
-    q, grid = ckpt, ckpt.config.grid
-    return q.config, q.meta, q.state, _streams(list(q.qparams), lambda k: packed_codes(q.state[k], grid, q.qparams[k]))
+    q, grid, keys = ckpt, ckpt.config.grid, list(ckpt.qparams)
+    return q.config, q.meta, q.state, keys, _streams(keys, lambda k: packed_codes(q.state[k], grid, q.qparams[k]))
 
 
-def _streams(keys: list[str], pack_one: Callable[[str], Stream]) -> list[tuple[str, Stream]]:
-    """``(key, pack_one(key))`` of every key, several weights at once (:func:`qvec.core.threads.map_threads`:
-    one weight's packing is a string of small operations that leave a core idle)."""
+def _streams(keys: list[str], pack_one: Callable[[str], Stream]) -> Iterator[tuple[str, Stream]]:
+    """``(key, pack_one(key))`` of every key in order, several weights packed at once while the caller writes the
+    ones before (:func:`qvec.core.threads.imap_threads`: one weight's packing is a string of small operations
+    that leave a core idle)."""
     def one(k: str) -> tuple[str, Stream]:
         try:
             return k, pack_one(k)
         except NonFiniteWeightError as e:
             raise NonFiniteWeightError(f"{k}: {e}") from None
 
-    return map_threads(one, keys)
+    return imap_threads(one, keys)
 
 
 def _check_packed_header(shapes: object, dtypes: object) -> None:
@@ -205,14 +208,8 @@ def pack_checkpoint(
     exactly, in the same format for every quantizer."""
     if scale_dtype not in SCALE_DTYPES:
         raise QvecError(f"scale dtype must be one of {', '.join(SCALE_DTYPES)}, got {scale_dtype!r}")
-    try:
-        config, meta, state, streams = _ptq_streams(ckpt, quant, targets, calibration, calibration_size)
-        tensors = dict(_kept(state, dict(streams)))
-        for k, stream in streams:
-            tensors.update(_stored(k, stream, SCALE_DTYPES[scale_dtype]))
-    except NonFiniteWeightError as e:
-        raise NonFiniteWeightError(f"{ckpt.name()}: {e}") from None
-    packed = dict(streams)
+    config, meta, state, keys, streams = _ptq_streams(ckpt, quant, targets, calibration, calibration_size)
+    packed = set(keys)
     shapes = {k: list(state[k].shape) for k in state if k in packed}
     meta = {k: v for k, v in meta.items() if k != META_FORMAT}
     meta[META_FORMAT] = FORMAT_PACKED
@@ -224,9 +221,24 @@ def pack_checkpoint(
             "scale_dtype": scale_dtype,
         }
     )
-    save_safetensors(out, tensors, meta)
-    q_packed = sum(tensors[k + s].numel() * tensors[k + s].element_size() for k in shapes for s in (CODES, SCALE, ZERO)
-                   if k + s in tensors)
+    # room for the header of every tensor the file may hold: a packed weight's codes, scales and zero points are
+    # each at most its number of weights long, and take at most 7 bytes a weight together
+    sizes = {k: math.prod(s) for k, s in shapes.items()}
+    planned = [(k, tuple(t.shape)) for k, t in state.items() if k not in packed]
+    planned += [(k + suffix, (n, 1)) for k, n in sizes.items() for suffix in (CODES, SCALE, ZERO)]
+    max_bytes = sum(t.numel() * t.element_size() for k, t in state.items() if k not in packed)
+    max_bytes += 7 * sum(sizes.values())
+    q_packed = 0
+    try:
+        with safetensors_writer(out, meta, planned, max_bytes) as writer:
+            for k, t in _kept(state, packed):
+                writer.add(k, t)
+            for k, stream in streams:  # each weight is written while the next ones are packed
+                for name, t in _stored(k, stream, SCALE_DTYPES[scale_dtype]):
+                    writer.add(name, t)
+                    q_packed += t.numel() * t.element_size()
+    except NonFiniteWeightError as e:
+        raise NonFiniteWeightError(f"{ckpt.name()}: {e}") from None
     n_all = sum(t.numel() for t in ckpt.state.values() if t.is_floating_point())
     q_fp32 = sum(ckpt.state[k].numel() * 4 for k in shapes)
     return PackReport(
