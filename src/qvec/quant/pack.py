@@ -192,6 +192,18 @@ def unpack_state(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> dict
     return state
 
 
+def _may_hold(state: dict[str, torch.Tensor], shapes: dict[str, list[int]]
+              ) -> tuple[list[tuple[str, tuple[int, ...]]], int]:
+    """The (key, shape) of every tensor a packed file of ``state`` may hold, and their bytes at most: what sizes
+    the room kept for its header. A packed weight's codes, scales and zero points are each at most its number of
+    weights long, and take at most 7 bytes a weight together."""
+    sizes = {k: math.prod(s) for k, s in shapes.items()}
+    kept = {k: t for k, t in state.items() if k not in shapes}
+    planned = [(k, tuple(t.shape)) for k, t in kept.items()]
+    planned += [(k + suffix, (n, 1)) for k, n in sizes.items() for suffix in (CODES, SCALE, ZERO)]
+    return planned, sum(t.numel() * t.element_size() for t in kept.values()) + 7 * sum(sizes.values())
+
+
 def pack_checkpoint(
     ckpt: Checkpoint,
     quant: QuantizerConfig | QuantSpec,
@@ -221,16 +233,9 @@ def pack_checkpoint(
             "scale_dtype": scale_dtype,
         }
     )
-    # room for the header of every tensor the file may hold: a packed weight's codes, scales and zero points are
-    # each at most its number of weights long, and take at most 7 bytes a weight together
-    sizes = {k: math.prod(s) for k, s in shapes.items()}
-    planned = [(k, tuple(t.shape)) for k, t in state.items() if k not in packed]
-    planned += [(k + suffix, (n, 1)) for k, n in sizes.items() for suffix in (CODES, SCALE, ZERO)]
-    max_bytes = sum(t.numel() * t.element_size() for k, t in state.items() if k not in packed)
-    max_bytes += 7 * sum(sizes.values())
     q_packed = 0
     try:
-        with safetensors_writer(out, meta, planned, max_bytes) as writer:
+        with safetensors_writer(out, meta, *_may_hold(state, shapes)) as writer:
             for k, t in _kept(state, packed):
                 writer.add(k, t)
             for k, stream in streams:  # each weight is written while the next ones are packed
