@@ -77,6 +77,9 @@ def test_plain_pytorch_state_dict_needs_and_takes_model(ckpts, tmp_path, capsys)
         (["extract", "--ft", "{recv}", "--qat", "{mini}", "-o", "{out}"], "architectures differ"),
         (["quantize", "{recv}", "--model", "nope:vit", "-o", "{out}"], "unknown model family 'nope'"),
         (["pack", "{recv}", "-g", "group", "--group-size", "7", "-o", "{out}"], "group_size 7 does not divide"),
+        (["pack", "{recv}", "--group-size", "7", "-o", "{out}"], "group_size 7 does not divide"),  # groups implied
+        (["pack", "{recv}", "-g", "channel", "--group-size", "32", "-o", "{out}"],
+         "--group-size is for --granularity group; got --granularity channel"),
     ],
 )
 def test_bad_input_one_line_error_exit_2(args, message, ckpts, tmp_path, capsys):

@@ -61,7 +61,8 @@ Method = Annotated[str | None, typer.Option("--method", help="A registered quant
 Bits = Annotated[int | None, typer.Option("--bits", "-b", help="Bit-width, 2..8 (default 3, the paper's).")]
 Gran = Annotated[str | None, typer.Option("--granularity", "-g", help="channel (paper default), tensor or group.")]
 GroupSize = Annotated[int | None, typer.Option("--group-size", help="Group size along the input dimension "
-                                               "(default 128; it must divide the rows).")]
+                                               "(default 128; it must divide the rows); given alone, it "
+                                               "means --granularity group.")]
 Asym = Annotated[bool | None, typer.Option("--asymmetric/--symmetric", help="Asymmetric (zero point) or "
                                            "symmetric (default).")]
 FullRange = Annotated[bool | None, typer.Option("--full-range/--restricted", help="Symmetric grids: use all 2^b "
@@ -98,8 +99,13 @@ class QuantizerFlags:
         cls = get_quantizer(base.method if base else (self.method or "rtn"), "--method")
         bits = 3 if self.bits is None else self.bits
         grid = base.grid(bits) if base else QuantSpec(bits)
+        granularity = self.granularity
+        if self.group_size is not None and granularity is None:
+            granularity = "group"  # a group size asks for groups
+        elif self.group_size is not None and granularity != "group":
+            raise QvecError(f"--group-size is for --granularity group; got --granularity {granularity}")
         over = {"symmetric": None if self.asymmetric is None else not self.asymmetric,
-                "granularity": self.granularity, "group_size": self.group_size, "full_range": self.full_range}
+                "granularity": granularity, "group_size": self.group_size, "full_range": self.full_range}
         grid = dataclasses.replace(grid, **{k: v for k, v in over.items() if v is not None})
         if calibration and cls.needs_calibration and self.calib is None:
             raise QvecError(f"--{'preset ' + self.preset if self.preset else 'method ' + cls.method} needs --calib "
