@@ -232,3 +232,15 @@ def test_every_quantizer_packs_exactly_and_states_its_bits_per_weight(name, bits
     real = sum(t.numel() * t.element_size() for key, t in tensors.items()
                if any(key == k + sfx for k in q.qparams for sfx in (CODES, SCALE, ZERO)))
     assert real * 8 / sum(ckpt.state[k].numel() for k in q.qparams) == pytest.approx(report.bits_per_weight)
+
+
+def test_pack_error_midway_leaves_nothing_and_restores_threads(tmp_path, nano_spec):
+    """A NaN in the last weight is found while earlier ones are already written: one error naming it, no file,
+    and torch's thread count as it was."""
+    ckpt = make_ckpt(nano_spec, 0)
+    key = target_keys(nano_spec)[-1]
+    ckpt.state[key][0, 0] = float("nan")
+    before = torch.get_num_threads()
+    with pytest.raises(NonFiniteWeightError, match=key):
+        pack_checkpoint(ckpt, QuantSpec(3), tmp_path / "p.safetensors")
+    assert torch.get_num_threads() == before and list(tmp_path.iterdir()) == []

@@ -244,6 +244,8 @@ def pack_checkpoint(
                     q_packed += t.numel() * t.element_size()
     except NonFiniteWeightError as e:
         raise NonFiniteWeightError(f"{ckpt.name()}: {e}") from None
+    finally:
+        streams.close()  # on an error: the packing not yet started is dropped, torch's threads come back now
     n_all = sum(t.numel() for t in ckpt.state.values() if t.is_floating_point())
     q_fp32 = sum(ckpt.state[k].numel() * 4 for k in shapes)
     return PackReport(
