@@ -13,7 +13,15 @@ import numpy as np
 import torch
 
 from qvec.core.errors import QvecError
-from qvec.quant.grid import QuantSpec, grouped_view, quantize_codes, require_finite, row_qparams
+from qvec.quant.grid import (
+    QuantSpec,
+    grouped_view,
+    quantize_codes,
+    read_back_rows,
+    require_finite,
+    round_rows,
+    row_qparams,
+)
 
 # 8-value words processed per chunk (512 KiB of levels): every pass over a chunk stays in cache.
 _WORDS_PER_CHUNK = 1 << 16
@@ -168,21 +176,13 @@ class _ChunkPacker:
 
     def codes_of(self, part: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, direct: bool
                  ) -> torch.Tensor:
-        """The codes (float, clamped) of rows ``part``: RTN's (``round(w / s)``, then the zero point added:
-        fake_quantize_'s order, so that ties go the same way) when ``direct``, else read back
-        (:func:`qvec.quant.grid.read_back_rows`: ``round(w / s + z)``)."""
-        q = self.codes[: part.numel()].view(part.shape)
-        torch.div(part if part.dtype == torch.float32 else part.float(), scale, out=q)
-        if direct:
-            q.round_()
-        if zero is not None:
-            q.add_(zero)
+        """The codes (float) of rows ``part``, in the packer's buffer: RTN's own when ``direct``
+        (:func:`qvec.quant.grid.round_rows`, with no clamp on a symmetric restricted grid, whose min-max scales
+        keep the codes in range), else read back (:func:`qvec.quant.grid.read_back_rows`)."""
+        q, grid = self.codes[: part.numel()].view(part.shape), self.grid
         if not direct:
-            q.round_()
-        grid = self.grid
-        if direct and grid.symmetric and not grid.full_range:  # |w| <= max|w| = qmax * s: already in range
-            return q
-        return q.clamp_(grid.qmin, grid.qmax)
+            return read_back_rows(part, scale, zero, grid, out=q)
+        return round_rows(part, scale, zero, grid, out=q, clamp=not grid.symmetric or grid.full_range)
 
     def pack(self, codes: torch.Tensor, out: np.ndarray, start: int) -> None:
         """Write the levels ``codes - qmin`` bit-packed into ``out`` from byte ``start`` on. ``out`` has a byte to

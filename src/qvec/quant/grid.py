@@ -212,12 +212,21 @@ def row_qparams(g: torch.Tensor, spec: QuantSpec, ratio: torch.Tensor | float | 
     return qparams_from_stats(row_stats(g, spec, check), spec, ratio)
 
 
-def round_rows(g: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, spec: QuantSpec) -> torch.Tensor:
-    """The codes of rows ``g`` under (scale, zero): ``clamp(round(g / scale) + zero, qmin, qmax)`` (float)."""
-    q = torch.round(g.float() / scale)
+def _divided(g: torch.Tensor, scale: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """``g / scale`` in float32, into ``out`` (a reused buffer of ``g``'s shape) when given."""
+    g = g if g.dtype == torch.float32 else g.float()
+    return g / scale if out is None else torch.div(g, scale, out=out)
+
+
+def round_rows(g: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, spec: QuantSpec,
+               out: torch.Tensor | None = None, clamp: bool = True) -> torch.Tensor:
+    """The codes of rows ``g`` under (scale, zero): ``clamp(round(g / scale) + zero, qmin, qmax)`` (float), in
+    ``out`` when given. ``clamp=False`` only for the rows' own min-max scales on a symmetric restricted grid,
+    where ``|w| <= max|w| = qmax * s`` already keeps every code in range."""
+    q = _divided(g, scale, out).round_()
     if zero is not None:
         q += zero
-    return q.clamp_(spec.qmin, spec.qmax)
+    return q.clamp_(spec.qmin, spec.qmax) if clamp else q
 
 
 def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
@@ -247,10 +256,11 @@ def quantize_codes(w: torch.Tensor, spec: QuantSpec, qparams: tuple | None = Non
     return q.sub_(spec.qmin).to(torch.uint8), scale, zero
 
 
-def read_back_rows(g: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, spec: QuantSpec) -> torch.Tensor:
+def read_back_rows(g: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, spec: QuantSpec,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
     """The codes (float) of rows ``g`` already on the grid: ``g = (q - zero) * scale`` up to float rounding, the
-    zero possibly real-valued (HQQ), so ``q = round(g / scale + zero)``, clamped."""
-    q = g.float() / scale
+    zero possibly real-valued (HQQ), so ``q = round(g / scale + zero)``, clamped; in ``out`` when given."""
+    q = _divided(g, scale, out)
     if zero is not None:
         q += zero
     return q.round_().clamp_(spec.qmin, spec.qmax)

@@ -29,7 +29,7 @@ from qvec.core.threads import imap_threads
 from qvec.quant.base import QuantizerConfig
 from qvec.quant.bitpack import packed_codes, unpack_bits
 from qvec.quant.grid import NonFiniteWeightError, QuantSpec, dequantize_codes
-from qvec.quant.ptq import QuantizedCheckpoint, plan_ptq, quantize_checkpoint
+from qvec.quant.ptq import QuantizedCheckpoint, plan_ptq, run_ptq
 from qvec.quant.targets import ALL_TARGETS, TargetFilter
 
 CODES, SCALE, ZERO = PACKED_SUFFIXES
@@ -125,8 +125,7 @@ def _ptq_streams(ckpt: Checkpoint, quant: QuantizerConfig | QuantSpec, targets: 
             config, state = plan.config, ckpt.state
             return (config, plan.meta(ckpt), state, plan.keys,
                     _streams(plan.keys, lambda k: config.pack_weight(state[k])))
-        ckpt = quantize_checkpoint(ckpt, plan.config, plan.targets, calibration=calibration,
-                                   calibration_size=calibration_size)
+        ckpt = run_ptq(ckpt, plan, calibration, calibration_size)
     assert ckpt.config is not None
     q, grid, keys = ckpt, ckpt.config.grid, list(ckpt.qparams)
     return q.config, q.meta, q.state, keys, _streams(keys, lambda k: packed_codes(q.state[k], grid, q.qparams[k]))

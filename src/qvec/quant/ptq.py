@@ -119,7 +119,12 @@ def quantize_checkpoint(
     probe set, or a folder, ``.npz`` or ``noise`` of which ``calibration_size`` images are used (unlabeled). The
     result keeps float tensors, so any PyTorch code can run it; ``qvec pack`` stores the real low-bit codes.
     """
-    plan = plan_ptq(ckpt, quant, targets, spec, calibration)
+    return run_ptq(ckpt, plan_ptq(ckpt, quant, targets, spec, calibration), calibration, calibration_size)
+
+
+def run_ptq(ckpt: Checkpoint, plan: PTQPlan, calibration: torch.Tensor | ProbeSet | str | None = None,
+            calibration_size: int = 128) -> QuantizedCheckpoint:
+    """:func:`quantize_checkpoint` of a PTQ already checked by :func:`plan_ptq`."""
     quant, targets, spec = plan.config, plan.targets, plan.spec
     try:
         if quant.needs_calibration:
