@@ -5,7 +5,8 @@ forward pass.
 GPTQ = one pass over cached block inputs (each block: its layers' Hessians, in panels of the upper triangle; the
 per-layer Cholesky factorizations, on every thread, and column loops, on one; then the quantized block run once for
 the next block's inputs); RTN = one pass over the weights. Both at 3-bit symmetric per-channel.
-``--hessian-dtype float32`` times the cheaper Hessian products (which change the codes; docs/deploy.md).
+The Hessian products are float32 (the default, as the reference code); ``--hessian-dtype float64`` times the
+products in float64, at twice their cost (docs/deploy.md).
 
     python benchmarks/bench_gptq.py [--model timm:vit_base_patch16_224] [--images 128] [--threads 2]
 """
@@ -20,7 +21,7 @@ import torch
 
 from qvec import GPTQConfig, ModelSpec, QuantSpec, build_model, get_adapter, quantize_
 from qvec.quant import find_targets
-from qvec.quant.gptq import gptq_quantize_
+from qvec.quant.gptq import HESSIAN_DTYPES
 
 
 def main() -> None:
@@ -30,7 +31,7 @@ def main() -> None:
     ap.add_argument("--bits", type=int, default=3)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--img-size", type=int, default=None, help="input size (default: the model's)")
-    ap.add_argument("--hessian-dtype", choices=("float64", "float32"), default="float64")
+    ap.add_argument("--hessian-dtype", choices=HESSIAN_DTYPES, default=GPTQConfig.hessian_dtype)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     spec = ModelSpec.parse(args.model, num_classes=10, **({"img_size": args.img_size} if args.img_size else {}))
@@ -52,8 +53,7 @@ def main() -> None:
     fwd = time.perf_counter() - t0
     model.load_state_dict(state)
     t0 = time.perf_counter()
-    dtype = getattr(torch, args.hessian_dtype)
-    gptq_quantize_(model, GPTQConfig(QuantSpec(args.bits)), targets, x, hessian_dtype=dtype)
+    quantize_(model, GPTQConfig(QuantSpec(args.bits), hessian_dtype=args.hessian_dtype), targets, calibration=x)
     gptq = time.perf_counter() - t0
     print(f"{spec} at {size} px, {len(targets)} target weights, {args.images} calibration images, "
           f"{args.threads} threads, {args.hessian_dtype} Hessian products; load average {os.getloadavg()}")

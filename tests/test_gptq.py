@@ -97,6 +97,9 @@ def test_gptq_config_checks():
         GPTQConfig(QuantSpec(9))
     with pytest.raises(QvecError, match="damp must be in"):
         GPTQConfig(QuantSpec(3), damp=0.0)
+    with pytest.raises(QvecError, match="hessian_dtype must be one of float32, float64, got 'float16'"):
+        GPTQConfig(QuantSpec(3), hessian_dtype="float16")
+    assert GPTQConfig(QuantSpec(3)).to_dict()["hessian_dtype"] == "float32"
     assert str(GPTQConfig(QuantSpec(2))) == "gptq-w2-sym-channel" and GPTQConfig(QuantSpec(2)).grid == QuantSpec(2)
 
 
@@ -157,35 +160,49 @@ def test_streamed_calibration_spilled_to_disk_gives_the_same_weights(monkeypatch
         _nano_gptq(calibration=lambda x: iter(x[:6].split(4)))
 
 
-def test_hessian_panels_give_the_full_product():
-    """Only the panels on and above the diagonal of X^T X are computed, then mirrored: the same Hessian as the
-    full product (to float64 rounding), exactly symmetric, for widths that are not a multiple of the panel."""
-    from qvec.quant.gptq import _Hessian
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_hessian_gives_the_full_product(dtype, monkeypatch):
+    """The upper triangle of X^T X (BLAS syrk), mirrored: the Hessian of the full product (to the dtype's
+    rounding), exactly symmetric, the same whether the inputs are held for one pass or added every batch."""
+    import qvec.quant.gptq as gptq
 
     torch.manual_seed(0)
     for cols in (5, 256, 700):
-        hess = _Hessian(cols)
         batches = [torch.randn(2, 50, cols) + 0.5 for _ in range(3)]
-        for x in batches:
-            hess(torch.nn.Identity(), (x,))
         x = torch.cat([b.reshape(-1, cols) for b in batches]).double()
         full = 2 * x.T @ x / x.shape[0]
-        h = hess.h
-        assert torch.equal(h, h.T) and hess.n == 300
-        torch.testing.assert_close(h, full, rtol=1e-12, atol=1e-12)
+        for pending in (1 << 30, 0):
+            monkeypatch.setattr(gptq, "_PENDING_BYTES", pending)
+            hess = _Hessian(cols, dtype)
+            for b in batches:
+                hess(torch.nn.Identity(), (b,))
+            assert len(hess.pending) == (3 if pending else 0)
+            h = hess.h
+            assert torch.equal(h, h.T) and hess.n == 300 and not hess.pending
+            tol = 1e-12 if dtype == torch.float64 else 1e-5
+            torch.testing.assert_close(h, full, rtol=tol, atol=tol)
 
 
-def test_panel_products_and_threaded_factorizations_keep_the_codes(monkeypatch):
-    """GPTQ with the Hessian in panels and the factorizations on every thread gives exactly the weights of the
-    full product with everything on one thread (equal codes at 3 bits on a fixed case)."""
-    import qvec.quant.gptq as gptq
+def test_hessian_inputs_are_copies():
+    """An input changed in place after its layer ran (an in-place residual, say) leaves the Hessian unchanged."""
+    x = torch.randn(4, 8)
+    hess = _Hessian(8)
+    hess(torch.nn.Identity(), (x,))
+    expected = 2 * x.double().T @ x.double() / 4
+    x.zero_()
+    torch.testing.assert_close(hess.h, expected)
+
+
+def test_threaded_factorizations_keep_the_codes():
+    """GPTQ with the factorizations on every thread gives exactly the weights of everything on one thread (equal
+    codes at 3 bits on a fixed case), in float32 and float64."""
     from qvec.core.threads import one_intraop_thread
 
-    fast = _nano_gptq()
-    monkeypatch.setattr(gptq, "_PANEL", 1 << 20)  # one panel: the full X^T X
-    with one_intraop_thread():
-        plain = _nano_gptq()
-    assert _equal(fast, plain)
+    for dtype in ("float32", "float64"):
+        fast = _nano_gptq(hessian_dtype=dtype)
+        with one_intraop_thread():
+            plain = _nano_gptq(hessian_dtype=dtype)
+        assert _equal(fast, plain)
 
 
 def _published_loop(p, config) -> torch.Tensor:
@@ -223,3 +240,15 @@ def test_column_loop_gives_the_codes_of_the_published_loop(spec):
     p = _prepare(w, 2 * x.T.double() @ x.double() / 400, config)
     expected = _published_loop(copy.deepcopy(p), config)
     assert torch.equal(_solve(p, config)[0], expected)
+
+
+def test_damping_grows_until_the_hessian_factors():
+    """A Hessian that is not positive definite is damped 10x, 100x, 1000x more until it factors; beyond, one
+    clear error."""
+    w = torch.randn(2, 3)
+    needs_10x = torch.diag(torch.tensor([1.0, 1.0, -0.02], dtype=torch.float64))
+    q, scale, _ = gptq_weight(w, needs_10x, GPTQConfig(QuantSpec(3)))
+    levels, _, zero = quantize_codes(q, QuantSpec(3), (scale, None))
+    assert torch.equal(q, dequantize_codes(levels, scale, zero, QuantSpec(3), q.shape))  # on RTN's grid
+    with pytest.raises(QvecError, match="not positive definite even with 1000x damping"):
+        gptq_weight(w, torch.diag(torch.tensor([1.0, 1.0, -100.0], dtype=torch.float64)), GPTQConfig(QuantSpec(3)))
