@@ -137,6 +137,24 @@ def test_one_pass_gives_the_weights_of_one_model_pass_per_block(monkeypatch):
     assert _equal(one_pass, per_block)
 
 
+def test_a_blocks_last_layer_is_not_run_to_collect_its_hessians(monkeypatch):
+    """Each block's Hessian pass stops before its last target's product (fc2): fc2 runs only in the one-image
+    check of the chain and in the quantized pass that makes the next block's inputs (none after the last block)."""
+    import qvec.quant.gptq as gptq
+
+    runs: dict[str, int] = {}
+    real = gptq.gptq_quantize_
+
+    def counting(model, *a, **k):
+        for i in range(4):
+            model.blocks[i].mlp.fc2.register_forward_hook(lambda *_, i=i: runs.__setitem__(i, runs.get(i, 0) + 1))
+        return real(model, *a, **k, batch_size=8)
+
+    monkeypatch.setattr(gptq, "gptq_quantize_", counting)
+    _nano_gptq()
+    assert runs == {0: 3, 1: 3, 2: 3, 3: 1}  # 1 image check + 2 batches of the quantized pass; the last: the check
+
+
 def test_streamed_calibration_spilled_to_disk_gives_the_same_weights(monkeypatch, tmp_path):
     """Calibration as an iterable of batches (read once), with every cached block input in a temporary file
     (``max_cache_bytes=0``): the same weights as from one tensor in memory, and no file left behind."""

@@ -20,6 +20,7 @@ int4 tinygemm layout (4 bits, asymmetric groups, bf16, CUDA kernels), not to a 2
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -31,7 +32,6 @@ from scipy.linalg import blas, lapack
 from torch import nn
 
 from qvec.core.errors import QvecError
-from qvec.core.threads import one_intraop_thread
 from qvec.quant.base import QParams, QuantizerConfig, register_quantizer
 from qvec.quant.blockwise import (
     BlockCache,
@@ -141,10 +141,10 @@ class _Hessian:
     @property
     def h(self) -> torch.Tensor:
         self.add()
-        upper = torch.from_numpy(self.sum).double()  # syrk leaves the lower triangle at zero
+        upper = torch.from_numpy(self.sum)  # syrk leaves the lower triangle at zero
         h = upper + upper.T
-        h.diagonal().mul_(0.5)
-        return h.mul_(2.0 / max(1, self.n))
+        h.diagonal().mul_(0.5)  # exact: the diagonal was doubled
+        return h.double().mul_(2.0 / max(1, self.n))
 
 
 @dataclass
@@ -182,18 +182,17 @@ def _prepare(w: torch.Tensor, h: torch.Tensor, config: GPTQConfig) -> _Prepared:
     w0 = w.detach().float().cpu().reshape(w.shape[0], -1)
     scale, zero = compute_qparams(w0, spec)
     s_full, z_full = _columns(w0, spec)
-    W = w0.clone()
-    H = h.double().clone()
-    cols = W.shape[1]
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
-    perm = torch.argsort(torch.diag(H), descending=True) if config.act_order else torch.arange(cols)
-    W = W[:, perm]
+    diag = torch.diag(h).double()
+    dead = diag == 0  # inputs that are always zero: their columns are zeroed, their Hessian diagonal set to 1
+    diag[dead] = 1.0
+    perm = torch.argsort(diag, descending=True) if config.act_order else torch.arange(len(diag))
+    W = w0[:, perm]  # a copy
+    W[:, dead[perm]] = 0.0
     S = s_full[:, perm]
     Z = z_full[:, perm] if z_full is not None else None
     rev = perm.flip(0)
-    H = H[rev[:, None], rev]  # permuted, then reversed: the factor of the reversed matrix gives Hinv's at once
+    H = h.double()[rev[:, None], rev]  # a copy, permuted, then reversed: its factor gives Hinv's at once
+    H.diagonal()[dead[rev]] = 1.0
     damp = config.damp * torch.diag(H).flip(0).mean()  # summed in the permuted order, as published
     for attempt in range(4):  # damped in place: damp, then 10x, 100x, 1000x damp
         H.diagonal().add_(damp * (10**attempt - (10 ** (attempt - 1) if attempt else 0)))
@@ -211,7 +210,7 @@ def _solve(p: _Prepared, config: GPTQConfig) -> tuple[torch.Tensor, torch.Tensor
     updates over blocks of ``block_size`` columns). Thousands of small operations on one column each, done in
     NumPy on transposed blocks (a column is a contiguous row; NumPy's per-call cost is a fraction of torch's) and
     into work buffers allocated once; the same IEEE float32 operations, in the same order, as the published loop,
-    so the codes are the same. Best on one thread."""
+    so the codes are the same."""
     W, Hinv = p.W.numpy(), p.Hinv.numpy()
     S = p.S.T.contiguous().numpy()
     Z = p.Z.T.contiguous().numpy() if p.Z is not None else None
@@ -272,13 +271,10 @@ def _collect(members: Sequence[Target], run: Callable[[], None], config: GPTQCon
 
 def _quantize_members(members: Sequence[Target], hess: dict[str, _Hessian], config: GPTQConfig,
                       qparams: dict[str, tuple]) -> None:
-    """Solve a block's targets: each factorization on all of torch's threads (one large LAPACK job), then each
-    column loop on one intra-op thread (thousands of small operations, which a second thread only slows;
-    docs/deploy.md). The loops are Python-bound, so running two at once gains nothing."""
+    """Solve a block's targets one after another. The column loops are bound by the interpreter, so running two at
+    once gains nothing (docs/deploy.md)."""
     for t in members:
-        prepared = _prepare(t.weight, hess[t.key].h, config)
-        with one_intraop_thread():
-            q, scale, zero = _solve(prepared, config)
+        q, scale, zero = gptq_weight(t.weight, hess[t.key].h, config)
         t.weight.copy_(q)
         qparams[t.key] = (scale, zero)
 
@@ -307,21 +303,21 @@ def _from_images(model: nn.Module, members: Sequence[Target], batches: Callable[
     _quantize_members(members, _collect(members, run, config), config, qparams)
 
 
-def _call_order(model: nn.Module, targets: Sequence[Target], image: torch.Tensor) -> list[str]:
-    """The targets' keys in the order the model calls their modules on ``image``, once per call."""
+@contextlib.contextmanager
+def _call_order(targets: Sequence[Target]) -> Iterator[list[str]]:
+    """The targets' keys in the order the model calls their modules inside the ``with``, once per call."""
     calls: list[str] = []
     hooks = [t.module.register_forward_pre_hook(lambda *_, k=t.key: calls.append(k)) for t in targets]
     try:
-        model(image)
+        yield calls
     finally:
         for h in hooks:
             h.remove()
-    return calls
 
 
 def _block_hessians(block: nn.Module, members: Sequence[Target], cache: BlockCache, config: GPTQConfig,
                     calls: Sequence[str]) -> dict[str, _Hessian]:
-    """The Hessians of a block's targets from its cached inputs. When each target runs once (``calls``, the
+    """The Hessians of a block's targets from its cached inputs. When each target runs once (``calls``, in the
     order of :func:`_call_order`), every batch stops just before the last one's product: its input is all that
     is needed, so the block's last layer is never computed."""
     modules = {t.key: t.module for t in members}
@@ -392,7 +388,8 @@ def gptq_quantize_(model: nn.Module, config: GPTQConfig, targets: Sequence[Targe
     model.eval()
     cache = BlockCache(default_cache_bytes() if max_cache_bytes is None else max_cache_bytes)
     try:
-        chain, span = _find_chain(model, names, first[:1])
+        with _call_order(targets) as calls:  # the chain is checked by running the model on one image
+            chain, span = _find_chain(model, names, first[:1])
         outside = [n for n in names if n not in span]
         if outside and not isinstance(calibration, torch.Tensor):
             raise QvecError(f"{label}: target block {outside[0]} lies outside the model's chain of blocks and needs "
@@ -404,7 +401,6 @@ def gptq_quantize_(model: nn.Module, config: GPTQConfig, targets: Sequence[Targe
         for n in names[: names.index(span[0])] if span else names:
             _from_images(model, groups[n], again, config, qparams)
         if chain:
-            calls = _call_order(model, targets, first[:1])
             images = fill_cache(model, model.get_submodule(chain[0]), itertools.chain([first], batches), cache)
             if images < MIN_CALIBRATION_IMAGES:
                 raise QvecError(f"{label} needs at least {MIN_CALIBRATION_IMAGES} calibration images, got {images}")
