@@ -5,7 +5,8 @@ columns not yet quantized through the inverse of the layer Hessian H = 2 X^T X /
 as in the published algorithm: damping of H by ``damp`` x mean(diag H), columns in order of decreasing diag(H)
 (``act_order``), and lazy batch updates over blocks of ``block_size`` columns. The scales and zero points are
 RTN's, computed from the original weight (for groups: static groups in the original column order), so the codes
-stay on RTN's grid and ``pack`` stores them in the same packed format.
+stay on RTN's grid and ``pack`` stores them in the same packed format. The Hessian is summed in
+``hessian_dtype`` (float32, as in the reference code), factorized in float64, and the column loop runs in float32.
 
 Targets are processed in depth order, block by block (targets that share a numbered module such as ``blocks.3``),
 and later blocks see the already-quantized earlier ones, as in the reference code (IST-DASLab ``opt_sequential``):
@@ -64,8 +65,8 @@ class GPTQConfig(QuantizerConfig):
     damp: float = 0.01
     block_size: int = 128
     act_order: bool = True
-    #: float32, as the reference code: float64 costs twice as much, and on five fine-tuned DINOv2-S models its
-    #: accuracy differs from float32's by no more than a new draw of calibration images (docs/deploy.md).
+    #: float32, as in the reference code; float64 doubles the cost of the products (docs/deploy.md compares the
+    #: two on fine-tuned models).
     hessian_dtype: str = "float32"
 
     def __post_init__(self) -> None:
@@ -109,9 +110,9 @@ class _Hessian:
     """H = 2 X^T X / N of a module's inputs, collected by a forward pre-hook (:meth:`add` once the pass is over):
     the inputs are held (up to :data:`_PENDING_BYTES`), then each one's X^T X is added in ``dtype`` by BLAS
     ``syrk``, which computes only the upper triangle (X^T X is symmetric: half the products of a matrix
-    product), mirrored once at the end in float64 (the factorization's dtype). Holding the inputs keeps torch's
-    and SciPy's BLAS threads from taking turns after every batch, where each would wait for the other's
-    threads to let go of the cores. On the CPU, whatever device the model runs on."""
+    product), mirrored once at the end and returned in float64 (the factorization's dtype). Holding the inputs
+    keeps torch's and SciPy's BLAS threads from taking turns after every batch, where each would wait for the
+    other's threads to let go of the cores. On the CPU, whatever device the model runs on."""
 
     def __init__(self, cols: int, dtype: torch.dtype = torch.float64) -> None:
         self.dtype = dtype
