@@ -2,9 +2,9 @@
 (the time does not depend on their values). Target (issue 20): ViT-B/16 at 224 px, 128 images, GPTQ <= 3x one
 forward pass.
 
-GPTQ = one pass over cached block inputs (each block: its layers' Hessians, in panels of the upper triangle; the
-per-layer Cholesky factorizations, on every thread, and column loops, on one; then the quantized block run once for
-the next block's inputs); RTN = one pass over the weights. Both at 3-bit symmetric per-channel.
+GPTQ = one pass over cached block inputs (each block: a float pass collecting its layers' inputs, their Hessians
+by BLAS syrk, the per-layer factorizations and column loops, then the quantized block run once for the next
+block's inputs); RTN = one pass over the weights. Both at 3-bit symmetric per-channel.
 The Hessian products are float32 (the default, as the reference code); ``--hessian-dtype float64`` times the
 products in float64, at twice their cost (docs/deploy.md).
 
