@@ -122,8 +122,8 @@ def unpack_bits(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
 
 
 # Weights per chunk when computing codes: 4 MiB of fp32, so that the elementwise passes over one chunk stay in
-# cache (the two L2 caches of 2 MiB and the shared L3) and the per-operation overhead stays small. ViT-B/16's codes
-# took 90 ms with chunks of 2^18 and 75 ms with 2^20 (docs/deploy.md, "pack at PTQ speed").
+# cache (the two L2 caches of 2 MiB and the shared L3) and the per-operation overhead stays small (docs/deploy.md,
+# "pack at PTQ speed", compares chunk sizes).
 _CODE_CHUNK_ELEMS = 1 << 20
 
 

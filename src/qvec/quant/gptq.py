@@ -126,7 +126,7 @@ class _Hessian:
         x = args[0].detach()
         if isinstance(module, nn.MultiheadAttention) and not module.batch_first:
             x = x.transpose(0, 1)
-        x = x.reshape(-1, x.shape[-1]).to(device="cpu", dtype=self.dtype, copy=True).contiguous()
+        x = x.reshape(-1, x.shape[-1]).to("cpu", self.dtype, copy=True, memory_format=torch.contiguous_format)
         self.n += x.shape[0]
         self.pending.append(x.numpy())
         self.pending_bytes += x.numel() * x.element_size()
